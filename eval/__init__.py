@@ -1,0 +1,1 @@
+"""Checkpoint evaluation: seen vs held-out accuracy, exposure history, plots, mechanistic analyses."""

@@ -1,0 +1,433 @@
+"""`olmo-inject build`: Dolma shards / token files -> OLMo token files + manifest + data block.
+
+Two stages, so that a build is resumable and its bytes do not depend on the number of workers:
+
+1. *tokenize*: each input file becomes a token cache in the work folder (a pure function of that file),
+   marked complete by a small JSON file written last. Parallel over files; skipped when already marked.
+2. *write*: the caches, in input order, are streamed into output files of `instances_per_file`
+   instances each. Cheap (I/O only); always redone.
+
+Everything is written under `OUT.partial/` and renamed to `OUT` when complete, so nothing that looks
+finished exists before the build is. Rerunning an interrupted build reuses its finished caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from . import __version__
+from . import tokenizer as tok
+from .config import BuildConfig
+from .errors import InjectError
+from .sources import FileStats, Problem, check_token_ids, expand_inputs, iter_dolma_texts, open_token_file, source_kind
+
+MANIFEST = "manifest.json"
+DATA_BLOCK = "olmo-data.yaml"
+PROBLEMS = "problems.jsonl"
+WORK = ".work"
+MAX_PROBLEMS_LISTED = 1000  # per input file; all are counted
+
+
+# ---------------------------------------------------------------------------- stage 1: tokenize
+
+
+@dataclass(frozen=True)
+class TokenizeJob:
+    index: int
+    path: str
+    work_dir: str
+    tokenizer: str
+    dtype: str
+    input_dtype: str
+    batch_documents: int
+    strict: bool
+
+
+def _marker(work_dir: Path, index: int) -> Path:
+    return work_dir / f"input-{index:05d}.done.json"
+
+
+def _cache(work_dir: Path, index: int) -> Path:
+    return work_dir / f"input-{index:05d}.tokens"
+
+
+def tokenize_input(job: TokenizeJob) -> dict:
+    """Tokenize one input into its cache; returns (and writes, last) its completion record."""
+    path, work_dir = Path(job.path), Path(job.work_dir)
+    if source_kind(path) == "tokens":
+        record = _check_token_file(job, path)
+    else:
+        record = _tokenize_dolma(job, path, work_dir)
+    marker = _marker(work_dir, job.index)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(marker)
+    return record
+
+
+def _tokenize_dolma(job: TokenizeJob, path: Path, work_dir: Path) -> dict:
+    problems: list[Problem] = []
+    counts: Counter = Counter()
+
+    def on_problem(problem: Problem) -> None:
+        if job.strict:
+            raise InjectError(f"{problem.file}:{problem.line}: {problem.message} (--strict)")
+        counts[problem.kind] += 1
+        if len(problems) < MAX_PROBLEMS_LISTED:
+            problems.append(problem)
+
+    stats = FileStats()
+    cache = _cache(work_dir, job.index)
+    documents = tokens = eos_in_text = 0
+    eos = tok.get_spec(job.tokenizer).eos_token_id
+    with open(cache.with_suffix(".tmp"), "wb") as out:
+        batch: list[str] = []
+        for text in _with_flush(iter_dolma_texts(path, on_problem, stats), job.batch_documents):
+            if text is not None:
+                batch.append(text)
+                continue
+            ids = tok.encode_documents(job.tokenizer, batch)
+            flat = np.fromiter((t for doc in ids for t in doc), dtype=job.dtype, count=sum(map(len, ids)))
+            # A document whose text spells the EOS token gets an EOS inside it: count it, it splits the document.
+            eos_in_text += int(np.count_nonzero(flat == eos)) - len(ids)
+            out.write(flat.tobytes())
+            documents += len(ids)
+            tokens += len(flat)
+            batch = []
+        out.flush()
+        os.fsync(out.fileno())
+    cache.with_suffix(".tmp").replace(cache)
+    if documents == 0:
+        counts["empty_file"] += 1
+        problems.append(Problem(str(path), 0, "empty_file", "file holds no usable document"))
+    if eos_in_text:
+        counts["eos_in_text"] += eos_in_text
+    return {
+        "index": job.index, "path": str(path), "kind": "dolma", "compression": stats.compression,
+        "size_bytes": stats.size_bytes, "sha256": stats.sha256, "documents": documents, "tokens": tokens,
+        "cache": cache.name, "problem_counts": dict(counts), "problems": [p.__dict__ for p in problems],
+    }
+
+
+def _with_flush(texts: Iterator[str], batch_size: int) -> Iterator[str | None]:
+    """Texts with a None after every `batch_size` of them and at the end: the points to tokenize a batch."""
+    n = 0
+    for text in texts:
+        yield text
+        n += 1
+        if n % batch_size == 0:
+            yield None
+    yield None
+
+
+def _check_token_file(job: TokenizeJob, path: Path) -> dict:
+    tokens = open_token_file(path, job.input_dtype)
+    check_token_ids(path, tokens, tok.vocab_size(job.tokenizer))
+    if np.dtype(job.input_dtype) != np.dtype(job.dtype) and len(tokens) and int(tokens.max()) > np.iinfo(job.dtype).max:
+        raise InjectError(f"{path}: token ids up to {int(tokens.max())} do not fit the output dtype {job.dtype}")
+    eos = tok.get_spec(job.tokenizer).eos_token_id
+    sha = hashlib.sha256()
+    documents = 0
+    for start in range(0, len(tokens), 1 << 24):
+        part = np.asarray(tokens[start : start + (1 << 24)])
+        documents += int(np.count_nonzero(part == eos))
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+    problems = []
+    if len(tokens) and int(tokens[-1]) != eos:
+        problems.append(Problem(str(path), 0, "no_final_eos", "token file does not end with EOS; the next file's first document continues it").__dict__)
+    return {
+        "index": job.index, "path": str(path), "kind": "tokens", "compression": "none",
+        "size_bytes": path.stat().st_size, "sha256": sha.hexdigest(), "documents": documents,
+        "tokens": len(tokens), "cache": None, "problem_counts": {p["kind"]: 1 for p in problems}, "problems": problems,
+    }
+
+
+def tokenize_all(config: BuildConfig, files: list[Path], work_dir: Path) -> list[dict]:
+    """Stage 1 over every input, reusing completed caches; records in input order."""
+    jobs = [
+        TokenizeJob(i, str(p), str(work_dir), config.tokenizer, config.token_dtype,
+                    config.input_dtype or config.token_dtype, config.batch_documents, config.strict)
+        for i, p in enumerate(files)
+    ]
+    records: dict[int, dict] = {}
+    for job in jobs:
+        marker = _marker(work_dir, job.index)
+        if marker.exists():
+            records[job.index] = json.loads(marker.read_text())
+    todo = [j for j in jobs if j.index not in records]
+    crash_after = int(os.environ.get("OLMO_INJECT_CRASH_AFTER_INPUTS", "-1"))  # test hook: simulate a kill
+    bar = tqdm(total=len(jobs), initial=len(records), desc="tokenize", unit="file", disable=None)
+    if config.workers > 1 and len(todo) > 1:
+        context = multiprocessing.get_context("spawn")  # no fork after the tokenizer's threads started
+        with context.Pool(min(config.workers, len(todo))) as pool:
+            results = pool.imap_unordered(tokenize_input, todo)
+            for record in results:
+                records[record["index"]] = record
+                bar.update()
+                _maybe_crash(crash_after, len(records))
+    else:
+        for job in todo:
+            records[job.index] = tokenize_input(job)
+            bar.update()
+            _maybe_crash(crash_after, len(records))
+    bar.close()
+    return [records[i] for i in range(len(jobs))]
+
+
+def _maybe_crash(crash_after: int, done: int) -> None:
+    if crash_after >= 0 and done >= crash_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------- stage 2: write
+
+
+class TokenStream:
+    """The concatenated token caches of all inputs, read front to back in chunks (constant memory)."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = [a for a in arrays if len(a)]
+        self.total = sum(len(a) for a in self.arrays)
+        self._file = 0
+        self._pos = 0
+        self.consumed = 0
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0 and self._file < len(self.arrays):
+            array = self.arrays[self._file]
+            part = array[self._pos : self._pos + n]
+            parts.append(np.asarray(part))
+            self._pos += len(part)
+            n -= len(part)
+            if self._pos == len(array):
+                self._file, self._pos = self._file + 1, 0
+        out = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        self.consumed += len(out)
+        return out
+
+
+def open_caches(config: BuildConfig, records: list[dict], work_dir: Path) -> list[np.ndarray]:
+    arrays = []
+    for record in records:
+        if record["kind"] == "tokens":
+            array = open_token_file(Path(record["path"]), config.input_dtype or config.token_dtype)
+            arrays.append(array if array.dtype == np.dtype(config.token_dtype) else _Cast(array, config.token_dtype))
+        elif record["tokens"]:
+            arrays.append(np.memmap(work_dir / record["cache"], dtype=config.token_dtype, mode="r"))
+    return arrays
+
+
+class _Cast:
+    """A token array read in another dtype, converted chunk by chunk."""
+
+    def __init__(self, array: np.ndarray, dtype: str):
+        self.array, self.dtype = array, np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, item):
+        return np.asarray(self.array[item]).astype(self.dtype)
+
+
+class OutputWriter:
+    """Writes `data/part-NNNNN.npy` files of a fixed number of tokens, hashing as it goes."""
+
+    def __init__(self, out_dir: Path, tokens_per_file: int, sequence_length: int):
+        self.data_dir = out_dir / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.tokens_per_file = tokens_per_file
+        self.sequence_length = sequence_length
+        self.files: list[dict] = []
+        self._handle = None
+        self._sha = None
+        self._count = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self._handle is None:
+                self._open()
+            room = self.tokens_per_file - self._count
+            part, tokens = tokens[:room], tokens[room:]
+            data = part.tobytes()
+            self._handle.write(data)
+            self._sha.update(data)
+            self._count += len(part)
+            if self._count == self.tokens_per_file:
+                self._close()
+
+    def _open(self) -> None:
+        name = f"part-{len(self.files):05d}.npy"
+        self._handle = open(self.data_dir / name, "wb")
+        self._sha = hashlib.sha256()
+        self._count = 0
+        self.files.append({"path": f"data/{name}"})
+
+    def _close(self) -> None:
+        self._handle.close()
+        self.files[-1].update(
+            tokens=self._count, instances=self._count // self.sequence_length,
+            size_bytes=(self.data_dir.parent / self.files[-1]["path"]).stat().st_size, sha256=self._sha.hexdigest(),
+        )
+        self._handle = None
+
+    def finish(self) -> list[dict]:
+        if self._handle is not None:
+            self._close()
+        return self.files
+
+
+def write_base(config: BuildConfig, stream: TokenStream, out_dir: Path) -> list[dict]:
+    """Stage 2 without injection: the token stream, in order, cut into files of whole instances."""
+    writer = OutputWriter(out_dir, config.instances_per_file * config.sequence_length, config.sequence_length)
+    chunk = max(config.sequence_length, 1 << 22)
+    with tqdm(total=stream.total, desc="write", unit="tok", unit_scale=True, disable=None) as bar:
+        while stream.consumed < stream.total:
+            tokens = stream.take(chunk)
+            writer.write(tokens)
+            bar.update(len(tokens))
+    return writer.finish()
+
+
+# ---------------------------------------------------------------------------- the build
+
+
+def partial_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def prepare_output(config: BuildConfig, out_dir: Path, overwrite: bool) -> Path:
+    """The partial folder to build in; reused when it holds an interrupted build of the same config."""
+    if out_dir.exists() and not overwrite:
+        raise InjectError(f"{out_dir}: output folder already exists; pass --overwrite to replace it")
+    partial = partial_dir(out_dir)
+    fingerprint = hashlib.sha256(json.dumps(config.echo(), sort_keys=True).encode()).hexdigest()
+    stamp = partial / WORK / "config.sha256"
+    if partial.exists() and not (stamp.exists() and stamp.read_text() == fingerprint):
+        shutil.rmtree(partial)
+    (partial / WORK).mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    return partial
+
+
+def finalize(partial: Path, out_dir: Path) -> None:
+    """Drop the work folder and move the finished build into place (the rename is the commit)."""
+    shutil.rmtree(partial / WORK, ignore_errors=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.replace(out_dir)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0], "olmo-inject": __version__}
+    for name in ("ai2-olmo", "torch", "numpy", "tokenizers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def summarize_inputs(records: list[dict]) -> tuple[dict, list[dict]]:
+    counts = Counter()
+    problems = []
+    for r in records:
+        counts.update(r["problem_counts"])
+        problems.extend(r["problems"])
+    documents = sum(r["documents"] for r in records)
+    if documents == 0:
+        raise InjectError("inputs: no usable document in any input file " + ", ".join(r["path"] for r in records[:5]))
+    return dict(sorted(counts.items())), problems
+
+
+def data_block(config: BuildConfig, out_dir: Path, outputs: list[dict]) -> dict:
+    """The OLMo TrainConfig fragment that trains on this build."""
+    spec = tok.get_spec(config.tokenizer)
+    return {
+        "data": {"paths": [str((out_dir / f["path"]).resolve()) for f in outputs], "memmap_dtype": config.token_dtype},
+        "model": {"max_sequence_length": config.sequence_length, "eos_token_id": spec.eos_token_id,
+                  "pad_token_id": spec.pad_token_id, "vocab_size": tok.vocab_size(config.tokenizer)},
+        "tokenizer": {"identifier": spec.olmo_identifier},
+    }
+
+
+def write_manifest(partial: Path, out_dir: Path, config: BuildConfig, records: list[dict], outputs: list[dict],
+                   extra: dict | None = None) -> dict:
+    spec = tok.get_spec(config.tokenizer)
+    problem_counts, problems = summarize_inputs(records)
+    tokens = sum(f["tokens"] for f in outputs)
+    instances = sum(f["instances"] for f in outputs)
+    manifest = {
+        "format": "olmo-inject/1",
+        "versions": versions(),
+        "config": config.echo(),
+        "tokenizer": {"name": spec.name, "file": spec.file, "sha256": tok.file_sha256(config.tokenizer),
+                      "eos_token_id": spec.eos_token_id, "pad_token_id": spec.pad_token_id,
+                      "vocab_size": tok.vocab_size(config.tokenizer), "olmo_identifier": spec.olmo_identifier},
+        "dtype": config.token_dtype,
+        "sequence_length": config.sequence_length,
+        "inputs": [{k: v for k, v in r.items() if k not in ("problems", "cache", "index")} for r in records],
+        "outputs": outputs,
+        "counts": {
+            "input_files": len(records),
+            "documents": sum(r["documents"] for r in records),
+            "input_tokens": sum(r["tokens"] for r in records),
+            "tokens": tokens,
+            "instances": instances,
+            "tail_tokens": tokens - instances * config.sequence_length,
+            "problems": sum(problem_counts.values()),
+            "problems_by_kind": problem_counts,
+        },
+        "problems_file": PROBLEMS,
+    }
+    manifest.update(extra or {})
+    with open(partial / PROBLEMS, "w") as f:
+        for p in problems:
+            f.write(json.dumps(p) + "\n")
+    (partial / DATA_BLOCK).write_text(yaml.safe_dump(data_block(config, out_dir, outputs), sort_keys=False))
+    (partial / "config.yaml").write_text(yaml.safe_dump(config.echo(), sort_keys=False))
+    # The manifest is written last: its presence means every other file is complete.
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def run_build(config: BuildConfig, out_dir: Path, overwrite: bool = False) -> dict:
+    """Build `config` into `out_dir`; returns the manifest."""
+    files = expand_inputs(config.inputs, config.base_dir)
+    out_dir = out_dir.resolve()
+    partial = prepare_output(config, out_dir, overwrite)
+    work_dir = partial / WORK
+    records = tokenize_all(config, files, work_dir)
+    summarize_inputs(records)  # fail before writing when there is nothing to write
+    stream = TokenStream(open_caches(config, records, work_dir))
+    outputs = write_base(config, stream, partial)
+    manifest = write_manifest(partial, out_dir, config, records, outputs)
+    finalize(partial, out_dir)
+    return manifest
+
+
+def load_manifest(build_dir: Path) -> dict:
+    path = Path(build_dir) / MANIFEST
+    if not path.exists():
+        hint = " (an unfinished build: rerun it to resume)" if partial_dir(Path(build_dir)).exists() else ""
+        raise InjectError(f"{build_dir}: no {MANIFEST}; not a finished olmo-inject build{hint}")
+    return json.loads(path.read_text())

