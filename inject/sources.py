@@ -106,9 +106,47 @@ def _decompressed(path: Path, hashing: HashingReader) -> tuple[io.BufferedReader
     if head.startswith(GZIP_MAGIC):
         return io.BufferedReader(gzip.GzipFile(fileobj=buffered, mode="rb"), buffer_size=1 << 20), "gzip"
     if head.startswith(ZSTD_MAGIC):
-        reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20), "zstd"
+        return io.BufferedReader(_ZstdReader(buffered), buffer_size=1 << 20), "zstd"
     return buffered, "plain"
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses concatenated zstd frames and, unlike `stream_reader`, fails on a truncated frame."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.decompressor = zstandard.ZstdDecompressor()
+        self.frame = self.decompressor.decompressobj()
+        self.in_frame = False
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.raw.read(1 << 20)
+            if not chunk:
+                if self.in_frame:
+                    raise zstandard.ZstdError("stream ends inside a frame (truncated file)")
+                return 0
+            self.pending = self._decompress(chunk)
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            self.in_frame = True
+            out.append(self.frame.decompress(chunk))
+            if not self.frame.eof:
+                break
+            chunk = self.frame.unused_data
+            self.frame = self.decompressor.decompressobj()
+            self.in_frame = False
+        return b"".join(out)
 
 
 @dataclass
