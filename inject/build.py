@@ -412,15 +412,23 @@ def write_manifest(partial: Path, out_dir: Path, config: BuildConfig, records: l
 
 def run_build(config: BuildConfig, out_dir: Path, overwrite: bool = False) -> dict:
     """Build `config` into `out_dir`; returns the manifest."""
+    from .place import prepare_injection, write_injected
+
     files = expand_inputs(config.inputs, config.base_dir)
     out_dir = out_dir.resolve()
+    injection = prepare_injection(config) if config.tasks else None  # config errors before any work
+    if out_dir.exists() and not overwrite:
+        raise InjectError(f"{out_dir}: output folder already exists; pass --overwrite to replace it")
     partial = prepare_output(config, out_dir, overwrite)
     work_dir = partial / WORK
     records = tokenize_all(config, files, work_dir)
     summarize_inputs(records)  # fail before writing when there is nothing to write
     stream = TokenStream(open_caches(config, records, work_dir))
-    outputs = write_base(config, stream, partial)
-    manifest = write_manifest(partial, out_dir, config, records, outputs)
+    if injection is None:
+        outputs, extra = write_base(config, stream, partial), None
+    else:
+        outputs, extra = write_injected(config, injection, stream, partial)
+    manifest = write_manifest(partial, out_dir, config, records, outputs, extra)
     finalize(partial, out_dir)
     return manifest
 

@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="validate the config, list the inputs and stop")
 
+    p = _sub(sub, "verify", "replay ai2-olmo's training data loader over a build and check every batch against plan and ledger",
+             "olmo-inject verify build/ --train-config my-olmo-config.yaml\n  olmo-inject verify huge-build/ --sample 200")
+    p.add_argument("build_dir", type=Path)
+    p.add_argument("--train-config", type=Path, help="an OLMo TrainConfig YAML: check batch size, sequence length, seed, tokenizer, EOS, dtype")
+    p.add_argument("--sample", type=int, help="check K random batches instead of every batch (the held-out and Dolma checks stay complete)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --sample")
+
     p = _sub(sub, "inspect", "summarize a finished build (counts, files, problems)", "olmo-inject inspect build/")
     p.add_argument("build_dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -117,6 +124,14 @@ def cmd_build(args) -> int:
     _print_summary(Path(out), manifest)
 
 
+def cmd_verify(args) -> int:
+    from .verify import run_verify
+
+    report = run_verify(args.build_dir, args.train_config, args.sample, args.seed)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def cmd_inspect(args) -> int:
     from .build import load_manifest
 
@@ -163,6 +178,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "sample-corpus": cmd_sample_corpus,
     "build": cmd_build,
+    "verify": cmd_verify,
     "inspect": cmd_inspect,
     "tokenizers": cmd_tokenizers,
 }

@@ -4,12 +4,121 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from . import tokenizer as tok
 from .configtools import from_dict, load_yaml
 from .errors import ConfigError
+
+
+@dataclass
+class TrainingConfig:
+    """The OLMo training settings that fix the data order. They must equal the TrainConfig's."""
+
+    global_batch_size: int
+    """OLMo's `global_train_batch_size`, in instances (sequences)."""
+
+    steps: int
+    """Training steps the plan covers; examples are placed in batches 1..steps."""
+
+    seed: int = 6198
+    """OLMo's `data.seed`, or `seed` when `data.seed` is unset (OLMo's default seed is 6198)."""
+
+    drop_last: bool = False
+    """OLMo's `data.drop_last`."""
+
+    def validate(self, where: str = "training") -> None:
+        for name in ("global_batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
+
+
+@dataclass
+class PoolConfig:
+    """How a task's instance space splits into a seen pool and a held-out pool."""
+
+    held_out: int | float = 0.1
+    """Held-out instances: a fraction of the space (0 < x < 1) or, when >= 1, a count. Never injected."""
+
+    seen: int | float | None = None
+    """Seen pool: a fraction (0 < x < 1) or a count; default: every instance not held out."""
+
+    draw: str = "cycle"
+    """How injected examples pick seen instances: `cycle` (through the pool in a shuffled order),
+    `uniform` (with replacement) or `no-repeat` (each at most once; refused if the pool is too small)."""
+
+    seed: int = 0
+    """Seed of the split. Tasks with the same task and params must share the split (and so this config)."""
+
+
+@dataclass
+class PieceConfig:
+    until: int
+    """Last step (inclusive) at this rate."""
+
+    rate: float
+    """Examples per batch in this piece."""
+
+
+@dataclass
+class ScheduleConfig:
+    """How many examples each batch holds."""
+
+    kind: str = "even"
+    """`even` (integer counts, fraction carried), `poisson`, `bernoulli`, `burst`, `window` (even between
+    start and stop) or `piecewise` (even, rate changing at the `pieces` boundaries)."""
+
+    rate: float = 0.0
+    """Mean examples per batch (even, poisson, bernoulli, window)."""
+
+    burst_size: int = 0
+    """burst: examples in each burst."""
+
+    burst_every: int = 0
+    """burst: steps from one burst to the next (mean rate = burst_size / burst_every)."""
+
+    start: int = 1
+    """First step (1-based, inclusive) that may hold examples."""
+
+    stop: int | None = None
+    """Last step (inclusive) that may hold examples; default: the last training step."""
+
+    pieces: list[PieceConfig] = field(default_factory=list)
+    """piecewise: rates by step range, in order."""
+
+
+@dataclass
+class TaskConfig:
+    """One injected task at one complexity and rate (a cell of the frequency x complexity grid)."""
+
+    name: str
+    """A unique label, used in the plan, the ledger and the eval tables."""
+
+    task: str
+    """Registered task: `comparison` or `modular_addition` (see inject/tasks.py)."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    """Complexity knobs: comparison {digits}; modular_addition {modulus, operands}."""
+
+    encoding: str = "text"
+    """`text` (templates, tokenized) or `tokens` (one token per number, then the label token, then EOS)."""
+
+    templates: list[str] | None = None
+    """text encoding: templates with {a}, {b}, ..., {p} (modulus) and a final {answer}; default: the task's."""
+
+    number_tokens: str = "text"
+    """tokens encoding: `text` (the tokenizer's own single token for " N", checked) or `offset`
+    (token id = token_offset + N; labels follow the numbers)."""
+
+    token_offset: int = 0
+    """tokens encoding with number_tokens: offset."""
+
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 @dataclass
@@ -45,6 +154,26 @@ class BuildConfig:
     strict: bool = False
     """Turn per-record problems (bad JSON line, missing text, ...) into a failure instead of skipping them."""
 
+    training: TrainingConfig | None = None
+    """The training run's order settings. Required when `tasks` is not empty."""
+
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """Tasks to inject; empty for a plain tokenization build."""
+
+    placement: str = "sequence-start"
+    """`sequence-start`: examples overwrite the first tokens of an instance (the overwritten Dolma tokens are
+    counted); `document-boundary`: examples are inserted as their own documents, no Dolma token lost."""
+
+    max_batch_share: float = 0.25
+    """Largest share of a batch's tokens that injected examples may take; a plan above it is refused."""
+
+    instance_filter: str = "refuse"
+    """What to do when OLMo's repetition filter (period <= 13, 32 repeats) would mask an instance that holds
+    examples: `refuse` the build, `warn` (count it in the manifest) or `off` (do not check)."""
+
+    seed: int = 0
+    """Seed for everything random in the plan (poisson/bernoulli counts, draws from pools, templates)."""
+
     base_dir: Path = field(default=Path("."), init=False, repr=False, compare=False)
     """Folder that relative input paths are resolved against (set from the config file's location)."""
 
@@ -66,6 +195,19 @@ class BuildConfig:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.sequence_length > np.iinfo(np.int32).max:
             raise ConfigError(f"sequence_length: {self.sequence_length} is too large")
+        _one_of("placement", self.placement, ["sequence-start", "document-boundary"])
+        _one_of("instance_filter", self.instance_filter, ["refuse", "warn", "off"])
+        if not 0 < self.max_batch_share <= 1:
+            raise ConfigError(f"max_batch_share: expected 0 < x <= 1, got {self.max_batch_share}")
+        if self.tasks and self.training is None:
+            raise ConfigError("training: required when tasks are given (global_batch_size, steps, seed)")
+        if self.training is not None:
+            self.training.validate()
+        names = [t.name for t in self.tasks]
+        for i, task in enumerate(self.tasks):
+            if names.count(task.name) > 1:
+                raise ConfigError(f"tasks[{i}].name: {task.name!r} is used twice")
+            _validate_task(task, f"tasks[{i}]", self.training)
         return self
 
     def echo(self) -> dict:
@@ -84,3 +226,38 @@ def load_build_config(path: Path, **overrides) -> BuildConfig:
     config = from_dict(BuildConfig, data)
     config.base_dir = Path(path).resolve().parent
     return config.validate()
+
+
+def _one_of(where: str, value: str, options: list[str]) -> None:
+    if value not in options:
+        raise ConfigError(f"{where}: {value!r} is not one of {options}")
+
+
+def _validate_task(task: TaskConfig, where: str, training: TrainingConfig) -> None:
+    _one_of(f"{where}.encoding", task.encoding, ["text", "tokens"])
+    _one_of(f"{where}.number_tokens", task.number_tokens, ["text", "offset"])
+    _one_of(f"{where}.pool.draw", task.pool.draw, ["cycle", "uniform", "no-repeat"])
+    for key in ("held_out", "seen"):
+        value = getattr(task.pool, key)
+        if value is None:
+            continue
+        if (isinstance(value, float) and not 0 < value < 1) or (isinstance(value, int) and value < 1):
+            raise ConfigError(f"{where}.pool.{key}: expected a fraction 0 < x < 1 or a whole count >= 1, got {value}")
+    s = task.schedule
+    kinds = ["even", "poisson", "bernoulli", "burst", "window", "piecewise"]
+    _one_of(f"{where}.schedule.kind", s.kind, kinds)
+    if s.rate < 0:
+        raise ConfigError(f"{where}.schedule.rate: must be >= 0, got {s.rate}")
+    if s.kind == "bernoulli" and s.rate > 1:
+        raise ConfigError(f"{where}.schedule.rate: bernoulli needs a rate <= 1, got {s.rate}")
+    if s.kind == "burst" and (s.burst_size < 1 or s.burst_every < 1):
+        raise ConfigError(f"{where}.schedule: burst needs burst_size >= 1 and burst_every >= 1")
+    if s.kind == "piecewise":
+        if not s.pieces:
+            raise ConfigError(f"{where}.schedule.pieces: piecewise needs at least one piece")
+        untils = [p.until for p in s.pieces]
+        if untils != sorted(untils) or any(p.rate < 0 for p in s.pieces):
+            raise ConfigError(f"{where}.schedule.pieces: `until` must increase and rates be >= 0, got {untils}")
+    stop = s.stop if s.stop is not None else training.steps
+    if not 1 <= s.start <= stop:
+        raise ConfigError(f"{where}.schedule: need 1 <= start <= stop, got start={s.start} stop={stop}")

@@ -1,0 +1,329 @@
+"""`olmo-inject verify`: replay ai2-olmo's own training data loader over a build and check it against
+the plan and the ledger.
+
+Checks, each reported with the step/instance/file it concerns:
+  order     the batches come from `olmo.data.build_train_dataloader` (MemMapDataset + IterableDataset);
+            every batch holds exactly the planned number of examples of each task, found in the tokens
+  ledger    every ledger row of a batch points at an instance of that batch, and its tokens are the
+            example it names (preceded by EOS, followed by EOS); ledger counts equal the plan
+  held-out  no held-out instance occurs anywhere in the token files (every EOS-delimited segment)
+  dolma     the Dolma tokens, with the injected blocks removed, hash to what the build recorded
+  filter    no instance that holds examples is masked by OLMo's repetition filter
+  config    with --train-config: batch size, sequence length, seed, tokenizer, vocabulary, EOS, dtype
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .build import TokenStream, load_manifest
+from .config import BuildConfig, TaskConfig
+from .configtools import from_dict
+from .errors import InjectError
+from .injection import Encoder, split_pool
+from .ledger import read_ledger
+from .place import PLAN_FILE, POOLS_FILE
+from .tasks import make_task
+
+MAX_LISTED = 20
+
+
+@dataclass
+class Report:
+    failures: list[str] = field(default_factory=list)
+    checked: dict = field(default_factory=dict)
+    _counts: dict = field(default_factory=lambda: defaultdict(int))
+
+    def fail(self, kind: str, message: str) -> None:
+        self._counts[kind] += 1
+        if self._counts[kind] <= MAX_LISTED:
+            self.failures.append(f"[{kind}] {message}")
+        elif self._counts[kind] == MAX_LISTED + 1:
+            self.failures.append(f"[{kind}] ... more failures of this kind not listed")
+
+    @property
+    def ok(self) -> bool:
+        return not self._counts
+
+    def summary(self) -> str:
+        lines = [f"{k}: {v}" for k, v in self.checked.items()]
+        if self.ok:
+            lines.append("verify: OK")
+        else:
+            lines += self.failures
+            lines.append("verify: FAILED (" + ", ".join(f"{k}: {v}" for k, v in self._counts.items()) + ")")
+        return "\n".join(lines)
+
+
+@dataclass
+class BuildView:
+    """What verify needs from a build: manifest, ledger, plan, encoders and pools, grouped by rendering."""
+
+    path: Path
+    manifest: dict
+    encoders: list[Encoder]
+    held_out: list[set]
+    group_of_spec: list[int]
+    group_names: list[str]
+    counts: np.ndarray       # [steps, specs] planned counts
+
+    @classmethod
+    def load(cls, build_dir: Path) -> "BuildView":
+        manifest = load_manifest(build_dir)
+        if "injection" not in manifest:
+            raise InjectError(f"{build_dir}: a build without tasks; nothing to verify against a plan")
+        tokenizer = manifest["tokenizer"]["name"]
+        configs = [from_dict(TaskConfig, t, f"config.tasks[{i}]") for i, t in enumerate(manifest["config"]["tasks"])]
+        encoders = [Encoder(make_task(c.task, c.params, c.name), c, tokenizer, c.name) for c in configs]
+        pools = np.load(Path(build_dir) / POOLS_FILE)
+        held_out = [set(pools[f"held_out_{i}"].tolist()) for i in range(len(configs))]
+        signatures, group_of_spec, names = [], [], []
+        for c in configs:
+            sig = json.dumps([c.task, c.params, c.encoding, c.templates, c.number_tokens, c.token_offset], sort_keys=True)
+            if sig not in signatures:
+                signatures.append(sig)
+                names.append(c.name)
+            else:
+                names[signatures.index(sig)] += "+" + c.name
+            group_of_spec.append(signatures.index(sig))
+        counts = np.load(Path(build_dir) / PLAN_FILE)["counts"]
+        return cls(Path(build_dir), manifest, encoders, held_out, group_of_spec, names, counts)
+
+    @property
+    def eos(self) -> int:
+        return self.manifest["tokenizer"]["eos_token_id"]
+
+    def parse(self, ids: np.ndarray) -> tuple[int, int, int, bool] | None:
+        """(spec, item, template, correct) of a segment, trying each distinct rendering once."""
+        seen_groups = set()
+        for spec, encoder in enumerate(self.encoders):
+            group = self.group_of_spec[spec]
+            if group in seen_groups:
+                continue
+            seen_groups.add(group)
+            found = encoder.parse(ids)
+            if found is not None:
+                return (spec, *found)
+        return None
+
+    def find_block(self, row: np.ndarray) -> list[tuple[int, int, int, int, bool]]:
+        """Examples at the start of an instance: (offset, spec, item, template, correct) each."""
+        found = []
+        if len(row) == 0 or row[0] != self.eos:
+            return found
+        position = 1
+        eos_positions = np.flatnonzero(row == self.eos)
+        for end in eos_positions[eos_positions >= 1]:
+            parsed = self.parse(row[position:end])
+            if parsed is None:
+                break
+            found.append((position, *parsed))
+            position = int(end) + 1
+        return found
+
+
+def train_config_for(manifest: dict, save_folder: str, instance_filter: bool):
+    """A minimal ai2-olmo TrainConfig whose data loader is the one training would use on this build."""
+    from olmo.config import DataConfig, InstanceFilterConfig, ModelConfig, TokenizerConfig, TrainConfig
+
+    t = manifest["injection"]["training"]
+    tok = manifest["tokenizer"]
+    return TrainConfig(
+        seed=t["seed"], global_train_batch_size=t["global_batch_size"], device_train_batch_size=t["global_batch_size"],
+        save_folder=save_folder, save_overwrite=True,
+        model=ModelConfig(max_sequence_length=manifest["sequence_length"], vocab_size=tok["vocab_size"],
+                          eos_token_id=tok["eos_token_id"], pad_token_id=tok["pad_token_id"]),
+        tokenizer=TokenizerConfig(identifier=tok["olmo_identifier"]),
+        data=DataConfig(paths=[str(manifest["_dir"] / f["path"]) for f in manifest["outputs"]],
+                        memmap_dtype=manifest["dtype"], drop_last=t["drop_last"], num_workers=0,
+                        instance_filter=InstanceFilterConfig() if instance_filter else None),
+    )
+
+
+def check_train_config(manifest: dict, path: Path, report: Report) -> None:
+    """Compare an OLMo TrainConfig YAML with the build, naming every field that differs."""
+    from olmo.config import TrainConfig
+
+    cfg = TrainConfig.load(path)
+    t, tok = manifest["injection"]["training"], manifest["tokenizer"]
+    seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
+    pairs = [
+        ("global_train_batch_size", cfg.global_train_batch_size, t["global_batch_size"]),
+        ("model.max_sequence_length", cfg.model.max_sequence_length, manifest["sequence_length"]),
+        ("data.seed (or seed)", seed, t["seed"]),
+        ("data.drop_last", cfg.data.drop_last, t["drop_last"]),
+        ("tokenizer.identifier", Path(cfg.tokenizer.identifier).name, Path(tok["olmo_identifier"]).name),
+        ("model.eos_token_id", cfg.model.eos_token_id, tok["eos_token_id"]),
+        ("model.pad_token_id", cfg.model.pad_token_id, tok["pad_token_id"]),
+        ("data.memmap_dtype", cfg.data.memmap_dtype, manifest["dtype"]),
+        ("epoch", cfg.epoch or 0, 0),
+    ]
+    for name, got, want in pairs:
+        if got != want:
+            report.fail("config", f"{path}: {name} is {got!r}, the build was made for {want!r}")
+    if (cfg.model.embedding_size or cfg.model.vocab_size) < tok["vocab_size"]:
+        report.fail("config", f"{path}: model.vocab_size/embedding_size {cfg.model.embedding_size or cfg.model.vocab_size} "
+                              f"is smaller than the tokenizer's vocabulary {tok['vocab_size']}")
+    if cfg.max_duration and str(cfg.max_duration).isdigit() and int(cfg.max_duration) > t["steps"]:
+        report.fail("config", f"{path}: max_duration {cfg.max_duration} steps exceeds the {t['steps']} steps the plan covers")
+    report.checked["train config"] = str(path)
+
+
+def check_batches(view: BuildView, ledger: np.ndarray, report: Report, sample: int | None, seed: int) -> None:
+    from olmo.data import build_train_dataloader
+
+    manifest = view.manifest
+    t = manifest["injection"]["training"]
+    steps, B = t["steps"], t["global_batch_size"]
+    use_filter = manifest["injection"]["totals"]["instance_filter"] != "off"
+    rows_of_step = np.searchsorted(ledger["step"], np.arange(1, steps + 2))
+    chosen = range(1, steps + 1) if sample is None else sorted(
+        np.random.default_rng(seed).choice(np.arange(1, steps + 1), size=min(sample, steps), replace=False).tolist())
+    groups = len(view.group_names)
+    planned = np.zeros((steps, groups), dtype=np.int64)
+    for spec, group in enumerate(view.group_of_spec):
+        planned[:, group] += view.counts[:, spec]
+    with tempfile.TemporaryDirectory() as save_folder:
+        loader = build_train_dataloader(train_config_for(manifest, save_folder, use_filter), world_size=1, rank=0, fs_local_rank=0)
+        iterator = iter(loader) if sample is None else None
+        for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
+            if sample is not None:
+                loader.dataset.start_index = (step - 1) * B
+                batch = next(iter(loader))
+            else:
+                batch = next(iterator)
+            _check_batch(view, ledger[rows_of_step[step - 1] : rows_of_step[step]], batch, step, planned[step - 1], report, use_filter)
+    report.checked["batches checked"] = f"{len(chosen)} of {steps} (ai2-olmo build_train_dataloader)"
+
+
+def _check_batch(view, rows, batch, step, planned, report, use_filter) -> None:
+    ids = batch["input_ids"].numpy()
+    index = batch["index"].numpy().astype(np.int64)
+    found = np.zeros(len(planned), dtype=np.int64)
+    found_at = {}
+    for r in range(len(ids)):
+        for offset, spec, item, template, correct in view.find_block(ids[r]):
+            found[view.group_of_spec[spec]] += 1
+            found_at[(int(index[r]), offset)] = (spec, item, template)
+            if not correct:
+                report.fail("order", f"step {step}: instance {index[r]} offset {offset}: example with a wrong answer")
+        if use_filter and "instance_mask" in batch and not bool(batch["instance_mask"][r]) and view.find_block(ids[r]):
+            report.fail("filter", f"step {step}: instance {index[r]} holds examples and OLMo's repetition filter masks it")
+    for g, name in enumerate(view.group_names):
+        if found[g] != planned[g]:
+            report.fail("order", f"step {step} (batch {step - 1}): {name}: found {found[g]} examples in the batch, the plan says {planned[g]}")
+    row_of_instance = {int(i): r for r, i in enumerate(index)}
+    for row in rows:
+        instance, offset = int(row["instance"]), int(row["offset"])
+        if instance not in row_of_instance:
+            report.fail("ledger", f"step {step}: ledger row for instance {instance} but that instance is not in the batch")
+            continue
+        tokens = ids[row_of_instance[instance]]
+        spec = int(row["spec"])
+        expected = view.encoders[spec].encode_many(np.array([row["item"]]), np.array([row["template"]]))[0]
+        end = offset + len(expected)
+        ok = (int(row["length"]) == len(expected) + 1 and tokens[offset - 1] == view.eos and end < len(tokens)
+              and np.array_equal(tokens[offset:end], expected) and tokens[end] == view.eos)
+        if not ok:
+            report.fail("ledger", f"step {step}: instance {instance} offset {offset}: tokens are not the example the ledger names "
+                                  f"({view.manifest['injection']['tasks'][spec]['name']} item {int(row['item'])})")
+        if int(row["item"]) in view.held_out[spec]:
+            report.fail("held-out", f"step {step}: ledger row injects held-out item {int(row['item'])}")
+
+
+def check_ledger_against_plan(view: BuildView, ledger: np.ndarray, report: Report) -> None:
+    steps, specs = view.counts.shape
+    counted = np.zeros_like(view.counts)
+    np.add.at(counted, (ledger["step"].astype(np.int64) - 1, ledger["spec"].astype(np.int64)), 1)
+    bad = np.argwhere(counted != view.counts)
+    for step, spec in bad[:MAX_LISTED]:
+        report.fail("ledger", f"step {step + 1}: ledger has {counted[step, spec]} rows of "
+                              f"{view.manifest['injection']['tasks'][spec]['name']}, the plan says {view.counts[step, spec]}")
+    report.checked["ledger rows"] = f"{len(ledger):,}"
+
+
+def _open_outputs(view: BuildView) -> list[np.ndarray]:
+    return [np.memmap(view.path / f["path"], dtype=view.manifest["dtype"], mode="r") for f in view.manifest["outputs"]]
+
+
+def check_held_out(view: BuildView, ledger: np.ndarray, report: Report) -> None:
+    """Parse every EOS-delimited segment of plausible length in every file; none may be held out."""
+    longest = int(ledger["length"].max()) + 8 if len(ledger) else 64
+    parsed = held = 0
+    for f, tokens in zip(view.manifest["outputs"], _open_outputs(view)):
+        for start in range(0, len(tokens), 1 << 24):
+            chunk = np.asarray(tokens[max(start - longest, 0) : start + (1 << 24)])
+            base = max(start - longest, 0)
+            ends = np.flatnonzero(chunk == view.eos)
+            starts = np.concatenate([[-1], ends[:-1]]) + 1
+            lengths = ends - starts
+            keep = (lengths >= 2) & (lengths <= longest) & (base + ends >= start)
+            for s, e in zip(starts[keep], ends[keep]):
+                if s == 0 and base > 0:
+                    continue  # may be the middle of a segment that began before this chunk
+                found = view.parse(chunk[s:e])
+                if found is None:
+                    continue
+                parsed += 1
+                spec, item = found[0], found[1]
+                for other, encoder in enumerate(view.encoders):
+                    if view.group_of_spec[other] == view.group_of_spec[spec] and item in view.held_out[other]:
+                        held += 1
+                        report.fail("held-out", f"{f['path']}: held-out {view.manifest['injection']['tasks'][other]['name']} "
+                                                f"item {item} at token {base + s}")
+                        break
+    report.checked["task examples found in the token files"] = f"{parsed:,} (ledger: {len(ledger):,}); held-out among them: {held}"
+
+
+def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
+    """Remove each instance's injected block; what remains must be the Dolma tokens the build kept."""
+    inj = view.manifest["injection"]
+    L = view.manifest["sequence_length"]
+    stream = TokenStream(_open_outputs(view))
+    instances, where = np.unique(ledger["instance"].astype(np.int64), return_inverse=True) if len(ledger) else (np.zeros(0, np.int64), None)
+    blocks = np.bincount(where, weights=ledger["length"], minlength=len(instances)).astype(np.int64) + 1 if len(ledger) else instances
+    sha, kept, position = hashlib.sha256(), 0, 0
+
+    def hash_plain(n: int) -> None:
+        nonlocal kept
+        while n > 0:
+            part = stream.take(min(n, 1 << 22))
+            sha.update(part.tobytes())
+            kept += len(part)
+            n -= len(part)
+
+    for instance, block in zip(instances, blocks):
+        hash_plain(int(instance - position) * L)
+        part = stream.take(L)[block:]
+        sha.update(part.tobytes())
+        kept += len(part)
+        position = int(instance) + 1
+    hash_plain(stream.total - stream.consumed)
+    want = inj["dolma"]
+    if sha.hexdigest() != want["kept_sha256"] or kept != want["kept_tokens"]:
+        report.fail("dolma", f"the Dolma tokens outside the injected blocks ({kept:,}) do not hash to the build's record "
+                             f"({want['kept_tokens']:,} tokens); tokens were changed, lost or reordered")
+    report.checked["dolma tokens intact"] = f"{kept:,} kept, {inj['totals']['overwritten_dolma_tokens']:,} overwritten by design"
+
+
+def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | None = None, seed: int = 0) -> Report:
+    view = BuildView.load(build_dir)
+    view.manifest["_dir"] = Path(build_dir).resolve()
+    ledger = read_ledger(build_dir)
+    report = Report()
+    report.checked["build"] = str(build_dir)
+    if train_config is not None:
+        check_train_config(view.manifest, train_config, report)
+    check_ledger_against_plan(view, ledger, report)
+    check_batches(view, ledger, report, sample, seed)
+    check_held_out(view, ledger, report)
+    check_dolma(view, ledger, report)
+    return report
