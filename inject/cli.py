@@ -22,10 +22,11 @@ def _parser() -> argparse.ArgumentParser:
             Build OLMo pretraining data with synthetic tasks injected at exact per-batch rates,
             train the OLMo size ladder on it, and evaluate what each checkpoint memorized or learned.
 
-            Start with `olmo-inject demo`: it writes a small sample corpus (no download) and builds it."""),
+            Start with `olmo-inject demo`: it writes a small sample corpus (no download), injects number
+            comparison and modular addition at several rates, and verifies every batch."""),
         epilog=textwrap.dedent("""\
             examples:
-              olmo-inject demo                                  # sample corpus -> OLMo token files
+              olmo-inject demo                                  # sample corpus -> injected build -> verify
               olmo-inject sample-corpus corpus/                 # just the Dolma-format sample corpus
               olmo-inject plan my-build.yaml --png plan.png     # per-task rates, tokens, capacity
               olmo-inject build my-build.yaml --out build/ --workers 4
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = _sub(sub, "demo", "sample corpus -> build, end to end, in a working folder",
+    p = _sub(sub, "demo", "sample corpus -> injected build -> verify, end to end, in a working folder",
              "olmo-inject demo --workdir /tmp/olmo-inject-demo")
     p.add_argument("--workdir", type=Path, default=Path("olmo-inject-demo"), help="folder for everything the demo writes (default: ./olmo-inject-demo)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
@@ -171,28 +172,47 @@ def _print_summary(out: Path, manifest: dict) -> None:
           f"{c['tail_tokens']:,} tail tokens not in any instance")
     if c["problems"]:
         print(f"  {c['problems']:,} records skipped: {c['problems_by_kind']} (see {out}/problems.jsonl)")
+    if "injection" in manifest:
+        inj = manifest["injection"]
+        t, totals = inj["training"], inj["totals"]
+        print(f"  injected for {t['steps']:,} steps x {t['global_batch_size']} (seed {t['seed']}), {inj['placement']}: "
+              f"{totals['examples']:,} examples, {totals['injected_tokens']:,} tokens in {totals['instances_with_examples']:,} instances")
+        for task in inj["tasks"]:
+            print(f"    {task['name']:20s} {task['examples']:>10,} examples  {task['mean_per_batch']:.3g}/batch  "
+                  f"seen pool {task['seen_size']:,}  held-out {task['held_out_size']:,}")
     print(f"  OLMo data block: {out}/olmo-data.yaml")
 
 
 def cmd_demo(args) -> int:
     from .build import run_build
     from .config import load_build_config
+    from .plan import describe_plan, plot_plan
     from .sample import write_sample_corpus
+    from .verify import run_verify
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    print(f"[1/2] writing the sample corpus to {work / 'corpus'}")
+    print(f"[1/3] writing the sample corpus to {work / 'corpus'}")
     write_sample_corpus(work / "corpus")
     config_path = work / "build.yaml"
     shutil.copyfile(EXAMPLES_DIR / "demo.yaml", config_path)
-    print(f"[2/2] building {config_path} into {work / 'build'}")
     config = load_build_config(config_path, workers=args.workers)
+    print(f"[2/3] planning and building {config_path} into {work / 'build'}")
+    text, specs = describe_plan(config)
+    print(textwrap.indent(text, "  "))
+    plot_plan(specs, config.training.steps, work / "plan.png")
     manifest = run_build(config, work / "build", overwrite=True)
     _print_summary(work / "build", manifest)
+    print(f"[3/3] verifying {work / 'build'} with ai2-olmo's own training data loader")
+    report = run_verify(work / "build")
+    print(textwrap.indent(report.summary(), "  "))
     print(textwrap.dedent(f"""
+        wrote: {work / 'build'} (token files, manifest.json, ledger.npy, olmo-data.yaml), {work / 'plan.png'}
         next:
           olmo-inject inspect {work / 'build'}
-          edit {config_path} and rerun: olmo-inject build {config_path} --out {work / 'build'} --overwrite"""))
+          edit {config_path} (rates, tasks, placement) and rerun:
+            olmo-inject plan {config_path} && olmo-inject build {config_path} --out {work / 'build'} --overwrite"""))
+    return 0 if report.ok else 1
 
 
 COMMANDS = {

@@ -37,7 +37,7 @@ def describe_plan(config: BuildConfig) -> tuple[str, list]:
     specs = make_specs(config)
     lines = [f"training: {t.steps:,} steps x {B} instances x {L} tokens = {t.steps * B * L:,} tokens "
              f"(seed {t.seed}, placement {config.placement})", ""]
-    header = f"{'task':20s} {'kind':38s} {'rate/batch':>10s} {'tok/ex':>7s} {'tok/batch':>10s} {'share':>7s} {'examples':>11s} {'seen pool':>10s} {'exp/seen':>9s} {'held-out':>9s}"
+    header = f"{'task':20s} {'kind':46s} {'rate/batch':>10s} {'tok/ex':>7s} {'tok/batch':>10s} {'share':>7s} {'examples':>11s} {'seen pool':>10s} {'exp/seen':>9s} {'held-out':>9s}"
     lines.append(header)
     per_step_tokens = np.zeros(t.steps)
     for s in specs:
@@ -46,7 +46,7 @@ def describe_plan(config: BuildConfig) -> tuple[str, list]:
         per_step_tokens += s.counts * length
         sched = s.config.schedule
         kind = f"{s.task.describe()}, {s.config.encoding}, {sched.kind}"
-        lines.append(f"{s.name:20s} {kind[:38]:38s} {total / t.steps:10.3g} {length:7.1f} {total / t.steps * length:10.1f} "
+        lines.append(f"{s.name:20s} {kind[:46]:46s} {total / t.steps:10.3g} {length:7.1f} {total / t.steps * length:10.1f} "
                      f"{total * length / (t.steps * B * L):7.3%} {total:11,} {len(s.seen):10,} {total / len(s.seen):9.3g} {len(s.held_out):9,}")
     instances_with = np.minimum(sum(s.counts for s in specs), B)
     peak = (per_step_tokens + instances_with).max() / (B * L)

@@ -225,7 +225,10 @@ def template_regex(task: Task, template: str) -> re.Pattern:
     for literal, field, _, _ in string.Formatter().parse(template):
         out.append(re.escape(literal))
         if field is not None:
-            out.append(rf"(?P<{field}>\d+)" if field != "p" else re.escape(str(getattr(task, "modulus", ""))))
+            if field == "p":
+                out.append(re.escape(str(getattr(task, "modulus", ""))))
+            else:
+                out.append(rf"(?P<{field}>\S+)" if field == "answer" else rf"(?P<{field}>\d+)")
     return re.compile("".join(out) + r"\Z")
 
 
