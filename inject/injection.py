@@ -255,6 +255,18 @@ class Plan:
         r = self.token_ref[row]
         return flat[starts[r] : starts[r + 1]]
 
+    def layout(self) -> None:
+        """Offsets from slots: each instance's block starts with EOS; its examples follow in plan order."""
+        if not self.examples:
+            return
+        order = np.lexsort((np.arange(self.examples), self.slot, self.step))
+        key = (self.step[order].astype(np.int64) - 1) * self.batch_size + self.slot[order]
+        length = self.length[order]
+        ends = np.cumsum(length)
+        group_start = np.concatenate([[True], key[1:] != key[:-1]])
+        base = np.maximum.accumulate(np.where(group_start, ends - length, 0))
+        self.offset[order] = 1 + ends - length - base
+
     def block_lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(step, slot, block length) of every instance that holds examples, sorted by (step, slot)."""
         key = (self.step.astype(np.int64) - 1) * self.batch_size + self.slot
@@ -300,15 +312,8 @@ def make_plan(config: BuildConfig, specs: list[Spec]) -> Plan:
     first = np.repeat(np.concatenate([[0], np.cumsum(per_step)[:-1]]), per_step)
     j = np.arange(len(step)) - first
     slot = (j % B).astype(np.int64)
-    # Offsets: each instance's block starts with EOS; examples follow in (step, task) order.
-    order = np.lexsort((j, slot, step))
-    key = (step[order].astype(np.int64) - 1) * B + slot[order]
-    ends = np.cumsum(length[order])
-    group_start = np.concatenate([[True], key[1:] != key[:-1]]) if len(key) else np.zeros(0, bool)
-    base = np.maximum.accumulate(np.where(group_start, ends - length[order], 0)) if len(key) else ends
-    offset = np.empty(len(step), dtype=np.int64)
-    offset[order] = 1 + ends - length[order] - base
-    plan = Plan(specs, B, L, step, spec, item, template, slot, offset, length, token_table, token_ref)
+    plan = Plan(specs, B, L, step, spec, item, template, slot, np.zeros(len(step), np.int64), length, token_table, token_ref)
+    plan.layout()
     _check_capacity(config, plan, counts)
     return plan
 

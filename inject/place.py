@@ -62,24 +62,123 @@ def instance_filter_masks(tokens: np.ndarray) -> bool:
         tokens.astype(np.int64), max_period=f.repetition_max_period, min_period=f.repetition_min_period))
 
 
+class RandomAccess:
+    """Token ranges at any position of the concatenated input streams (for the pre-pass)."""
+
+    def __init__(self, arrays: list):
+        self.arrays = [a for a in arrays if len(a)]
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    def read(self, position: int, n: int) -> np.ndarray:
+        parts = []
+        k = int(np.searchsorted(self.starts, position, side="right")) - 1
+        while n > 0 and k < len(self.arrays):
+            local = position - self.starts[k]
+            part = np.asarray(self.arrays[k][local : local + n])
+            parts.append(part)
+            n -= len(part)
+            position += len(part)
+            k += 1
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def instance_blocks(plan: Plan, example_instance: np.ndarray, eos: int, dtype) -> list[tuple[int, np.ndarray]]:
+    """(instance, block) for every instance holding examples, ascending: EOS, then each example and its EOS."""
+    by_instance = np.lexsort((plan.offset, example_instance))
+    blocks, current, parts = [], None, []
+    for row in by_instance:
+        instance = int(example_instance[row])
+        if instance != current:
+            if current is not None:
+                blocks.append((current, np.concatenate(parts)))
+            current, parts = instance, [np.array([eos], dtype=dtype)]
+        parts += [plan.tokens_of(row).astype(dtype), np.array([eos], dtype=dtype)]
+    if current is not None:
+        blocks.append((current, np.concatenate(parts)))
+    return blocks
+
+
+def instance_contents(config: BuildConfig, blocks, source: RandomAccess):
+    """The final tokens of each instance holding examples, without writing anything."""
+    L, shift = config.sequence_length, 0
+    for instance, block in blocks:
+        if config.placement == "sequence-start":
+            dolma = source.read(instance * L + len(block), L - len(block))
+        else:
+            dolma = source.read(instance * L - shift, L - len(block))
+            shift += len(block)
+        yield instance, np.concatenate([block, dolma.astype(block.dtype)])
+
+
+def avoid_filtered_instances(config: BuildConfig, injection: Injection, order: np.ndarray, source: RandomAccess,
+                             eos: int, dtype) -> set[int]:
+    """Move examples out of instances that OLMo's repetition filter would mask (their text may repeat) into
+    a free instance of the same batch. Returns the instances still masked (none, unless no room is left)."""
+    plan, B = injection.plan, config.training.global_batch_size
+    avoided: set[tuple[int, int]] = set()
+    masked: set[int] = set()
+    for _ in range(B + 1):  # each round rules out at least one slot of a batch
+        example_instance = order[(plan.step.astype(np.int64) - 1) * B + plan.slot].astype(np.int64)
+        blocks = instance_blocks(plan, example_instance, eos, dtype)
+        masked = {i for i, tokens in instance_contents(config, blocks, source) if instance_filter_masks(tokens)}
+        if not masked:
+            return masked
+        moved = False
+        for row in np.flatnonzero(np.isin(example_instance, list(masked))):
+            step, slot = int(plan.step[row]), int(plan.slot[row])
+            avoided.add((step, slot))
+        for step, slot in sorted(avoided):
+            rows = np.flatnonzero((plan.step == step) & (plan.slot == slot))
+            if not len(rows):
+                continue
+            target = _clean_slot(plan, step, rows, avoided, config.sequence_length)
+            if target is not None:
+                plan.slot[rows] = target
+                moved = True
+        if not moved:
+            break
+        plan.layout()
+        injection.block_steps, injection.block_slots, injection.block_lengths = plan.block_lengths()
+    return masked
+
+
+def _clean_slot(plan: Plan, step: int, rows: np.ndarray, avoided: set, L: int) -> int | None:
+    """A slot of the batch not known to be masked: a free one first, else one whose block has room."""
+    in_step = plan.step == step
+    used = plan.slot[in_step]
+    ruled_out = {s for st, s in avoided if st == step}
+    free = next((s for s in range(plan.batch_size) if s not in set(used.tolist()) | ruled_out), None)
+    if free is not None:
+        return free
+    need = int(plan.length[rows].sum())
+    blocks = np.bincount(used, weights=plan.length[in_step], minlength=plan.batch_size) + 1
+    for s in np.argsort(blocks, kind="stable"):
+        if int(s) not in ruled_out and blocks[s] + need <= L:
+            return int(s)
+    return None
+
+
 def write_injected(config: BuildConfig, injection: Injection, stream: TokenStream, out_dir: Path) -> tuple[list[dict], dict]:
     plan, L, t = injection.plan, config.sequence_length, config.training
     B = t.global_batch_size
     N = num_instances(config, injection, stream.total)
     check_epoch(config, N)
     order = olmo_order(N, B, t.seed, t.drop_last)
-    example_instance = order[(plan.step.astype(np.int64) - 1) * B + plan.slot].astype(np.int64)
-    block_instance = order[(injection.block_steps - 1) * B + injection.block_slots].astype(np.int64)
-    by_instance = np.lexsort((plan.offset, example_instance))  # examples in writing order
-    instances_with = np.sort(block_instance)
-
-    writer = OutputWriter(out_dir, config.instances_per_file * L, L)
-    dolma_sha, kept = hashlib.sha256(), 0
-    overwritten = masked = 0
-    masked_examples: list[int] = []
-    position = cursor = 0
     dtype = np.dtype(config.token_dtype)
     eos = plan.specs[0].encoder.eos
+    masked: set[int] = set()
+    if config.instance_filter != "off":
+        masked = avoid_filtered_instances(config, injection, order, RandomAccess(stream.arrays), eos, dtype)
+        if masked and config.instance_filter == "refuse":
+            raise InjectError(
+                f"instance_filter: OLMo's repetition filter would mask {len(masked)} instance(s) holding examples "
+                f"(first: instance {min(masked)}) and the batch has no free instance left; lower the rates or set "
+                f"instance_filter: warn"
+            )
+    example_instance = order[(plan.step.astype(np.int64) - 1) * B + plan.slot].astype(np.int64)
+
+    writer = OutputWriter(out_dir, config.instances_per_file * L, L)
+    dolma_sha, kept, overwritten, position = hashlib.sha256(), 0, 0, 0
 
     def copy_plain(n_tokens: int) -> None:
         nonlocal kept
@@ -91,45 +190,29 @@ def write_injected(config: BuildConfig, injection: Injection, stream: TokenStrea
             n_tokens -= len(chunk)
 
     bar = tqdm(total=N, desc="write", unit="inst", unit_scale=True, disable=None)
-    for instance in instances_with:
-        copy_plain(int(instance - position) * L)
-        block = [np.array([eos], dtype=dtype)]
-        while cursor < len(by_instance) and example_instance[by_instance[cursor]] == instance:
-            row = by_instance[cursor]
-            block += [plan.tokens_of(row).astype(dtype), np.array([eos], dtype=dtype)]
-            cursor += 1
-        block = np.concatenate(block)
+    for instance, block in instance_blocks(plan, example_instance, eos, dtype):
+        copy_plain((instance - position) * L)
         if config.placement == "sequence-start":
-            dolma = stream.take(L)
+            dolma = stream.take(L)[len(block):]
             overwritten += len(block)
-            dolma = dolma[len(block):]
         else:
             dolma = stream.take(L - len(block))
         dolma_sha.update(dolma.tobytes())
         kept += len(dolma)
-        tokens = np.concatenate([block, dolma])
-        if config.instance_filter != "off" and instance_filter_masks(tokens):
-            masked += 1
-            masked_examples.append(int(instance))
-        writer.write(tokens)
-        bar.update(int(instance - position) + 1)
-        position = int(instance) + 1
+        writer.write(np.concatenate([block, dolma]))
+        bar.update(instance - position + 1)
+        position = instance + 1
     copy_plain((N - position) * L)
     bar.update(N - position)
     bar.close()
     copy_plain(stream.total - stream.consumed)  # the tail: in the last file, in no instance
-    if masked and config.instance_filter == "refuse":
-        raise InjectError(
-            f"instance_filter: OLMo's repetition filter would mask {masked} instance(s) holding examples "
-            f"(first: instance {masked_examples[0]}); lower the rates or set instance_filter: warn"
-        )
     outputs = writer.finish()
 
     write_ledger(out_dir / LEDGER, plan, example_instance)
     np.savez(out_dir / PLAN_FILE, counts=np.stack([s.counts for s in plan.specs], axis=1))
     np.savez(out_dir / POOLS_FILE, **{f"seen_{s.index}": s.seen for s in plan.specs},
              **{f"held_out_{s.index}": s.held_out for s in plan.specs})
-    extra = {"injection": injection_summary(config, injection, N, order, overwritten, masked, kept, dolma_sha.hexdigest())}
+    extra = {"injection": injection_summary(config, injection, N, order, overwritten, len(masked), kept, dolma_sha.hexdigest())}
     return outputs, extra
 
 

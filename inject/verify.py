@@ -267,8 +267,8 @@ def check_held_out(view: BuildView, ledger: np.ndarray, report: Report) -> None:
             lengths = ends - starts
             keep = (lengths >= 2) & (lengths <= longest) & (base + ends >= start)
             for s, e in zip(starts[keep], ends[keep]):
-                if s == 0 and base > 0:
-                    continue  # may be the middle of a segment that began before this chunk
+                if s == 0 and base > 0 and tokens[base - 1] != view.eos:
+                    continue  # the middle of a segment that began before this chunk
                 found = view.parse(chunk[s:e])
                 if found is None:
                     continue

@@ -129,3 +129,27 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "verify: OK" in out and "batches checked: 600 of 600" in out
     assert (tmp_path / "demo" / "plan.png").exists() and (tmp_path / "demo" / "build" / "ledger.npy").exists()
+
+
+def test_examples_move_out_of_instances_whose_own_text_the_filter_masks(tmp_path, capsys):
+    from olmo.config import InstanceFilterConfig
+    from olmo.data import MemMapDataset
+
+    texts = make_texts(600)
+    texts = [t if i % 3 else "la " * 60 for i, t in enumerate(texts)]  # a third of the text repeats itself
+    write_shard(tmp_path / "c.jsonl", docs(texts))
+    config = {"inputs": ["c.jsonl"], "sequence_length": 64, "training": {"global_batch_size": 8, "steps": 40},
+              "tasks": [{"name": "m", "task": "modular_addition", "params": {"modulus": 11}, "encoding": "tokens",
+                         "schedule": {"kind": "even", "rate": 3}}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert run_cli("build", tmp_path / "p.yaml", "--out", tmp_path / "out") == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["injection"]["totals"]["instances_masked_by_olmo_filter"] == 0
+    dataset = MemMapDataset(*[str(tmp_path / "out" / f["path"]) for f in manifest["outputs"]], chunk_size=64,
+                            instance_filter_config=InstanceFilterConfig())
+    masked = [i for i in range(len(dataset)) if not dataset[i]["instance_mask"]]
+    assert len(masked) > len(dataset) // 5  # the corpus really trips the filter often
+    from inject.ledger import read_ledger
+
+    assert not set(read_ledger(tmp_path / "out")["instance"].tolist()) & set(masked)
+    assert run_cli("verify", tmp_path / "out") == 0
