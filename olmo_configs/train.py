@@ -1,0 +1,136 @@
+"""`olmo-inject train CONFIG --data BUILD --run RUN`: train an ai2-olmo model on an olmo-inject build.
+
+The launcher checks the TrainConfig against the build (the data order, and so every injection rate,
+depends on batch size, sequence length and seed), fills in the build's paths, dtype, tokenizer and EOS,
+writes the resolved config into the run folder and starts `torchrun` (one process per GPU, or one on
+CPU). Running it again on the same run folder resumes from the latest checkpoint, with the data order
+continuing where it stopped (OLMo restores the loader position from the trainer state).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from inject.build import load_manifest
+from inject.errors import ConfigError
+
+RESOLVED = "config.yaml"
+
+
+def resolve_config(config_path: Path, build_dir: Path, run_dir: Path, overrides: list[str]):
+    """The TrainConfig for this run, checked against the build; raises ConfigError naming the field."""
+    from olmo.config import TrainConfig
+
+    try:
+        cfg = TrainConfig.load(config_path, overrides=[o.lstrip("-") for o in overrides])
+    except Exception as e:  # omegaconf raises several types for bad keys/values
+        raise ConfigError(f"{config_path}: {e}") from None
+    manifest = load_manifest(build_dir)
+    tok = manifest["tokenizer"]
+    problems = []
+    if cfg.model.max_sequence_length != manifest["sequence_length"]:
+        problems.append(("model.max_sequence_length", cfg.model.max_sequence_length, manifest["sequence_length"]))
+    if cfg.tokenizer.identifier and Path(cfg.tokenizer.identifier).name != tok["file"]:
+        problems.append(("tokenizer.identifier", cfg.tokenizer.identifier, tok["olmo_identifier"]))
+    inj = manifest.get("injection")
+    if inj:
+        t = inj["training"]
+        seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
+        steps = int(cfg.max_duration) if str(cfg.max_duration).isdigit() else None
+        if cfg.global_train_batch_size != t["global_batch_size"]:
+            problems.append(("global_train_batch_size", cfg.global_train_batch_size, t["global_batch_size"]))
+        if seed != t["seed"]:
+            problems.append(("data.seed (or seed)", seed, t["seed"]))
+        if cfg.data.drop_last != t["drop_last"]:
+            problems.append(("data.drop_last", cfg.data.drop_last, t["drop_last"]))
+        if steps is None or steps > t["steps"]:
+            problems.append(("max_duration", cfg.max_duration, f"at most {t['steps']} steps (the plan's length)"))
+    if problems:
+        raise ConfigError("; ".join(f"{name} is {got!r} in {config_path}, the build {build_dir} needs {want!r}"
+                                    for name, got, want in problems))
+    cfg.data.paths = [str((Path(build_dir) / f["path"]).resolve()) for f in manifest["outputs"]]
+    cfg.data.memmap_dtype = manifest["dtype"]
+    cfg.data.datasets = None
+    cfg.model.eos_token_id = tok["eos_token_id"]
+    cfg.model.pad_token_id = tok["pad_token_id"]
+    cfg.model.vocab_size = tok["vocab_size"]
+    if (cfg.model.embedding_size or 0) < tok["vocab_size"]:
+        cfg.model.embedding_size = -(-tok["vocab_size"] // 128) * 128
+    cfg.tokenizer.identifier = tok["olmo_identifier"]
+    cfg.save_folder = str(Path(run_dir).resolve())
+    cfg.run_name = cfg.run_name or Path(run_dir).name
+    cfg.canceled_check_interval = 1  # SIGUSR2 (preemption) is acted on after the current step
+    return cfg
+
+
+def render(cfg) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), sort_keys=False)
+
+
+def write_resolved(cfg, run_dir: Path) -> Path:
+    """Write the run's config; an existing run folder must hold the same one (resume, not a new run)."""
+    from omegaconf import OmegaConf
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESOLVED
+    text = render(cfg)
+    if path.exists() and path.read_text() != text:
+        old = OmegaConf.to_container(OmegaConf.load(path))
+        new = OmegaConf.to_container(OmegaConf.create(text))
+        raise ConfigError(f"{run_dir}: holds a run with another config (first difference: {_first_difference(old, new)}); "
+                          f"use a new run folder")
+    path.write_text(text)
+    return path
+
+
+def _first_difference(old, new, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+
+
+def launch(config_path: Path, nproc: int | None = None) -> int:
+    """torchrun with one process per GPU (or one on CPU); returns its exit code."""
+    import torch
+
+    nproc = nproc or max(torch.cuda.device_count(), 1)
+    worker = ["-m", "olmo_configs.worker", str(config_path)]
+    if nproc == 1:  # one process: no agent in between, so that a kill or a signal reaches the trainer itself
+        command = [sys.executable, *worker]
+        single = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]
+        single = {}
+    env = {
+        **single,
+        # ai2-olmo 0.6.0 restores trainer state (RNG states, numpy objects) with a plain torch.load, which
+        # torch >= 2.6 refuses by default (weights_only=True). The checkpoints are our own.
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)),
+        # glibc returns large freed blocks to the OS by default; the logits (tokens x 50k) are reallocated
+        # every micro-batch, and the page faults tripled step time on CPU. Keep them.
+        "MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
+        **os.environ,
+    }
+    process = subprocess.Popen(command, env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(2)
+        return process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,109 @@
+"""One training process (run under torchrun by `olmo-inject train`): ai2-olmo's model, optimizer,
+scheduler, data loader and Trainer, wired the way OLMo's own training script does it, on GPUs
+(NCCL, DDP or FSDP) or on CPU (gloo, DDP).
+
+    python -m torch.distributed.run --nproc_per_node N -m olmo_configs.worker RUN/config.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("olmo_configs.worker")
+
+
+def main(config_path: str) -> None:
+    from olmo.config import DistributedStrategy, TrainConfig
+    from olmo.data import build_train_dataloader
+    from olmo.model import OLMo
+    from olmo.optim import build_optimizer, build_scheduler
+    from olmo.torch_util import get_global_rank, get_local_rank, get_world_size, seed_all
+    from olmo.util import find_latest_checkpoint, prepare_cli_environment
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .compat import CompatTrainer
+    from .ladder import checkpoint_steps
+
+    prepare_cli_environment()
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    if cuda:
+        torch.cuda.set_device(f"cuda:{get_local_rank()}")
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+
+    cfg = TrainConfig.load(config_path)
+    cfg.model.precision = cfg.precision
+    cfg.device_train_batch_size = cfg.global_train_batch_size // get_world_size()
+    cfg.device_train_microbatch_size = min(cfg.device_train_microbatch_size, cfg.device_train_batch_size)
+    cfg.device_train_grad_accum = cfg.device_train_batch_size // cfg.device_train_microbatch_size
+    if cfg.stop_at is None and str(cfg.max_duration).isdigit():
+        cfg.stop_at = int(cfg.max_duration)  # OLMo would otherwise run 10 steps past max_duration
+    if not cuda:
+        cfg.distributed_strategy = DistributedStrategy.ddp  # FSDP needs GPUs
+        cfg.model.init_device = "cpu"
+
+    latest = find_latest_checkpoint(cfg.save_folder)
+    seed_all(cfg.seed)
+    # Resuming with the same save folder: OLMo refuses an existing train_data/ unless overwriting.
+    cfg.save_overwrite = True
+    train_loader = build_train_dataloader(cfg)
+
+    model = OLMo(cfg.model)
+    if cfg.distributed_strategy == DistributedStrategy.ddp:
+        dist_model = DDP(model.to(device), find_unused_parameters=False)
+        model.reset_parameters()
+    else:
+        dist_model = FSDP(model, sharding_strategy=cfg.fsdp.sharding_strategy, mixed_precision=cfg.fsdp_precision,
+                          auto_wrap_policy=model.get_fsdp_wrap_policy(cfg.fsdp.wrapping_strategy),
+                          use_orig_params=cfg.fsdp.use_orig_params, limit_all_gathers=True, device_id=get_local_rank(),
+                          param_init_fn=lambda m: m.to_empty(device=device))
+        model.reset_parameters()
+    optim = build_optimizer(cfg, dist_model)
+    scheduler = build_scheduler(cfg)
+
+    indices = Path(cfg.save_folder) / f"data-indices/rank{get_global_rank()}.tsv"
+    indices.parent.mkdir(parents=True, exist_ok=True)
+    with CompatTrainer(cfg=cfg, epoch=cfg.epoch, model=model, dist_model=dist_model, optim=optim, scheduler=scheduler,
+                       train_loader=train_loader, device=device, evaluators=[],
+                       indices_file=open(indices, "a")) as trainer:
+        interval = cfg.save_interval_unsharded or cfg.save_interval or cfg.max_duration
+        trainer.extra_checkpoint_steps = frozenset(checkpoint_steps(trainer.max_steps, int(interval)))
+        trainer.install_preemption_handler()
+        if latest is not None:
+            log.info("resuming from %s", latest)
+            trainer.restore_checkpoint(latest, load_optimizer_state=True, load_trainer_state=True)
+            trim_indices(trainer.indices_file, trainer.global_step)
+        else:
+            trainer.save_checkpoint(trainer.checkpoint_type())  # step 0: the initialization, for eval baselines
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        log.info("starting at step %d (restart count %d)", trainer.global_step, restarts)
+        trainer.fit()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def trim_indices(handle, step: int) -> None:
+    """Drop what a killed run wrote after its last checkpoint: the steps that are about to be redone."""
+    handle.flush()
+    path = Path(handle.name)
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n") and int(line.split("\t", 1)[0]) <= step]
+    handle.seek(0)
+    handle.truncate()
+    handle.write("".join(kept))
+    handle.flush()
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore", message="register_new_resolver")
+    main(sys.argv[1])

@@ -1,0 +1,100 @@
+"""Training with ai2-olmo's Trainer on CPU: the tiny model learns, checkpoints load, a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from inject.cli import EXAMPLES_DIR
+from inject.injection import olmo_order
+from inject.sample import write_sample_corpus
+
+TINY = Path(__file__).parent.parent / "olmo_configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo_build(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("demo")
+    write_sample_corpus(work / "corpus")
+    shutil.copyfile(EXAMPLES_DIR / "demo.yaml", work / "build.yaml")
+    assert run_cli("build", work / "build.yaml", "--out", work / "build") == 0
+    return work / "build"
+
+
+def step_indices(run: Path) -> dict[int, list[int]]:
+    """Instance indices of every step, as OLMo's trainer wrote them."""
+    steps = {}
+    with open(run / "data-indices" / "rank0.tsv") as f:
+        for line in f:
+            step, *indices = line.split()
+            assert int(step) not in steps, f"step {step} written twice"
+            steps[int(step)] = [int(i) for i in indices]
+    return steps
+
+
+def mean_loss(checkpoint: Path, build: Path, batches: int = 4) -> float:
+    from olmo.model import OLMo
+
+    model = OLMo.from_checkpoint(checkpoint, device="cpu").eval()
+    manifest = json.loads((build / "manifest.json").read_text())
+    tokens = np.fromfile(build / manifest["outputs"][-1]["path"], dtype=np.uint16)
+    L = manifest["sequence_length"]
+    x = torch.from_numpy(tokens[: batches * 8 * L].astype(np.int64).reshape(batches * 8, L))
+    with torch.no_grad():
+        logits = model(x).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item()
+
+
+def test_tiny_model_trains_100_steps_on_the_demo_build(demo_build, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", TINY, "--data", demo_build, "--run", run) == 0
+    saved = sorted(int(p.name[4:].split("-")[0]) for p in run.glob("step*-unsharded"))
+    assert saved == [0, 1, 2, 4, 8, 16, 25, 50, 75, 100]  # dense early, then every 25
+    assert mean_loss(run / "step100-unsharded", demo_build) < mean_loss(run / "step0-unsharded", demo_build) - 1.0
+    # The batches the trainer saw are OLMo's order over the build, which the injection was planned for.
+    manifest = json.loads((demo_build / "manifest.json").read_text())
+    order = olmo_order(manifest["injection"]["num_instances"], 32, 6198, False)
+    indices = step_indices(run)
+    assert sorted(indices) == list(range(1, 101))
+    assert all(indices[s] == order[(s - 1) * 32 : s * 32].tolist() for s in indices)
+
+
+def test_a_killed_run_resumes_with_the_same_batches_and_weights(demo_build, tmp_path):
+    args = ["train", str(TINY), "--data", str(demo_build), "--max_duration=30"]
+    assert run_cli(*args, "--run", tmp_path / "full") == 0
+    killed = subprocess.Popen([sys.executable, "-m", "inject.cli", *args, "--run", str(tmp_path / "killed")],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (tmp_path / "killed" / "step16-unsharded").exists():
+        assert killed.poll() is None and time.time() < deadline, "training ended before step 16"
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "step30-unsharded").exists()
+    assert run_cli(*args, "--run", tmp_path / "killed") == 0
+    assert step_indices(tmp_path / "killed") == step_indices(tmp_path / "full")
+    full = torch.load(tmp_path / "full" / "step30-unsharded" / "model.pt")
+    resumed = torch.load(tmp_path / "killed" / "step30-unsharded" / "model.pt")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)  # bitwise equal on CPU
+
+
+def test_train_refuses_a_config_that_does_not_match_the_build(demo_build, tmp_path, capsys):
+    code = run_cli("train", TINY, "--data", demo_build, "--run", tmp_path / "r", "--global_train_batch_size=16", "--seed=1")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "global_train_batch_size is 16" in err and "needs 32" in err and "data.seed (or seed) is 1" in err
+    code = run_cli("train", TINY, "--data", demo_build, "--run", tmp_path / "r", "--max_duration=601")
+    assert code == 2 and "at most 600 steps" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
