@@ -33,12 +33,13 @@ def peak_mb() -> float:
 
 
 def child_builds(config: str, out: str) -> dict:
-    """Base build, then the same corpus with tasks, in one process (the tokenizer is warm for both)."""
+    """Base build and the same corpus with tasks, in one process, alternating (best of two each)."""
     from inject.build import run_build
     from inject.config import load_build_config
 
     result = {}
-    for name in ("base", "injected"):
+    # Alternate, twice, and keep each one's best time: the first build also warms the page cache.
+    for name in ("base", "injected", "base", "injected"):
         data = yaml.safe_load(Path(config).read_text())
         if name == "base":
             data.pop("tasks"), data.pop("training")
@@ -46,7 +47,9 @@ def child_builds(config: str, out: str) -> dict:
         path.write_text(yaml.safe_dump(data))
         start = time.perf_counter()
         manifest = run_build(load_build_config(path), Path(out) / name, overwrite=True)
-        result[name] = {"seconds": time.perf_counter() - start, "tokens": manifest["counts"]["tokens"]}
+        seconds = time.perf_counter() - start
+        best = min(seconds, result.get(name, {}).get("seconds", seconds))
+        result[name] = {"seconds": best, "tokens": manifest["counts"]["tokens"]}
     return result
 
 

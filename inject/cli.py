@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
             comparison and modular addition at several rates, and verifies every batch."""),
         epilog=textwrap.dedent("""\
             examples:
-              olmo-inject demo                                  # sample corpus -> injected build -> verify
+              olmo-inject demo                                  # sample corpus -> injected build -> verify -> train
+              olmo-inject ladder dry-run --preset reference     # the 4M-4B ladder's arithmetic
+              olmo-inject train olmo_configs/tiny.yaml --data olmo-inject-demo/build --run runs/tiny
               olmo-inject sample-corpus corpus/                 # just the Dolma-format sample corpus
               olmo-inject plan my-build.yaml --png plan.png     # per-task rates, tokens, capacity
               olmo-inject build my-build.yaml --out build/ --workers 4
@@ -37,10 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = _sub(sub, "demo", "sample corpus -> injected build -> verify, end to end, in a working folder",
+    p = _sub(sub, "demo", "sample corpus -> injected build -> verify -> tiny OLMo training, end to end, in a working folder",
              "olmo-inject demo --workdir /tmp/olmo-inject-demo")
     p.add_argument("--workdir", type=Path, default=Path("olmo-inject-demo"), help="folder for everything the demo writes (default: ./olmo-inject-demo)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    p.add_argument("--train-steps", type=int, default=20, help="steps of tiny-model training at the end (default: 20)")
 
     p = _sub(sub, "sample-corpus", "write the embedded Dolma-format sample corpus (real English text, ~5M tokens)",
              "olmo-inject sample-corpus corpus/ --shards 8")
@@ -238,30 +241,44 @@ def cmd_demo(args) -> int:
     from .plan import describe_plan, plot_plan
     from .sample import write_sample_corpus
     from .verify import run_verify
+    import olmo_configs
+    from olmo_configs.train import launch, resolve_config, write_resolved
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    print(f"[1/3] writing the sample corpus to {work / 'corpus'}")
+    print(f"[1/4] writing the sample corpus to {work / 'corpus'}")
     write_sample_corpus(work / "corpus")
     config_path = work / "build.yaml"
     shutil.copyfile(EXAMPLES_DIR / "demo.yaml", config_path)
     config = load_build_config(config_path, workers=args.workers)
-    print(f"[2/3] planning and building {config_path} into {work / 'build'}")
+    print(f"[2/4] planning and building {config_path} into {work / 'build'}")
     text, specs = describe_plan(config)
     print(textwrap.indent(text, "  "))
     plot_plan(specs, config.training.steps, work / "plan.png")
     manifest = run_build(config, work / "build", overwrite=True)
     _print_summary(work / "build", manifest)
-    print(f"[3/3] verifying {work / 'build'} with ai2-olmo's own training data loader")
+    print(f"[3/4] verifying {work / 'build'} with ai2-olmo's own training data loader")
     report = run_verify(work / "build")
     print(textwrap.indent(report.summary(), "  "))
+    if not report.ok:
+        return 1
+    run = work / "run-tiny"
+    print(f"[4/4] training the tiny OLMo model for {args.train_steps} steps on the build (CPU is fine) into {run}")
+    shutil.rmtree(run, ignore_errors=True)
+    tiny = Path(olmo_configs.__file__).parent / "tiny.yaml"
+    cfg = resolve_config(tiny, work / "build", run, [f"max_duration={args.train_steps}", "console_log_interval=5"])
+    code = launch(write_resolved(cfg, run))
+    if code:
+        raise InjectError(f"training exited with code {code}")
     print(textwrap.dedent(f"""
-        wrote: {work / 'build'} (token files, manifest.json, ledger.npy, olmo-data.yaml), {work / 'plan.png'}
+        wrote: {work / 'build'} (token files, manifest.json, ledger.npy, olmo-data.yaml), {work / 'plan.png'},
+               {run} (ai2-olmo checkpoints stepN-unsharded, data-indices/)
         next:
           olmo-inject inspect {work / 'build'}
+          olmo-inject train {tiny} --data {work / 'build'} --run {work / 'run-100'}     # 100 steps
           edit {config_path} (rates, tasks, placement) and rerun:
             olmo-inject plan {config_path} && olmo-inject build {config_path} --out {work / 'build'} --overwrite"""))
-    return 0 if report.ok else 1
+    return 0
 
 
 COMMANDS = {

@@ -62,6 +62,41 @@ def instance_filter_masks(tokens: np.ndarray) -> bool:
         tokens.astype(np.int64), max_period=f.repetition_max_period, min_period=f.repetition_min_period))
 
 
+def may_be_filtered(rows: np.ndarray, max_period: int = 13, repeats: int = 32) -> np.ndarray:
+    """Vectorized pre-check over instances [M, L]: False where OLMo's filter certainly keeps the instance.
+
+    k repeats of a period-p pattern make x[j] == x[j+p] hold over a run of at least (k-1)*p positions; an
+    instance with no such run for any p cannot be masked. The rest go through OLMo's own check."""
+    possible = np.zeros(len(rows), dtype=bool)
+    positions = np.arange(rows.shape[1])
+    for p in range(1, max_period + 1):
+        equal = rows[:, p:] == rows[:, :-p]
+        last_break = np.maximum.accumulate(np.where(equal, -1, positions[: equal.shape[1]]), axis=1)
+        longest = (positions[: equal.shape[1]] - last_break).max(axis=1)
+        possible |= longest >= (repeats - 3) * p  # 2 periods of slack for partial rows at either end
+    return possible
+
+
+def filtered_instances(contents) -> set[int]:
+    """Instances (from (instance, tokens) pairs) that OLMo's repetition filter would mask, in chunks."""
+    masked, chunk = set(), []
+
+    def flush():
+        rows = np.stack([t for _, t in chunk]).astype(np.int64)
+        for (instance, tokens), possible in zip(chunk, may_be_filtered(rows)):
+            if possible and instance_filter_masks(tokens):
+                masked.add(instance)
+        chunk.clear()
+
+    for item in contents:
+        chunk.append(item)
+        if len(chunk) == 4096:
+            flush()
+    if chunk:
+        flush()
+    return masked
+
+
 class RandomAccess:
     """Token ranges at any position of the concatenated input streams (for the pre-pass)."""
 
@@ -120,7 +155,7 @@ def avoid_filtered_instances(config: BuildConfig, injection: Injection, order: n
     for _ in range(B + 1):  # each round rules out at least one slot of a batch
         example_instance = order[(plan.step.astype(np.int64) - 1) * B + plan.slot].astype(np.int64)
         blocks = instance_blocks(plan, example_instance, eos, dtype)
-        masked = {i for i, tokens in instance_contents(config, blocks, source) if instance_filter_masks(tokens)}
+        masked = filtered_instances(instance_contents(config, blocks, source))
         if not masked:
             return masked
         moved = False
