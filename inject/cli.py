@@ -71,6 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, help="check K random batches instead of every batch (the held-out and Dolma checks stay complete)")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
 
+    p = _sub(sub, "eval", "score a run's checkpoints on the build's seen and held-out instances (skips finished steps)",
+             "olmo-inject eval runs/tiny --data olmo-inject-demo/build --seen 200 --held-out 200")
+    p.add_argument("run", type=Path, help="a run folder (every stepN-unsharded) or one checkpoint folder")
+    p.add_argument("--data", type=Path, required=True, help="the build the run trained on")
+    p.add_argument("--out", type=Path, help="results folder (default: RUN/eval)")
+    p.add_argument("--seen", type=int, default=200, help="seen instances per task (default: 200)")
+    p.add_argument("--held-out", type=int, default=200, help="held-out instances per task (default: 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=64)
+
     p = _sub(sub, "inspect", "summarize a finished build (counts, files, problems)", "olmo-inject inspect build/")
     p.add_argument("build_dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -206,6 +217,16 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_eval(args) -> int:
+    from eval.run import evaluate
+
+    report = evaluate(args.run, args.data, args.out, args.seen, args.held_out, args.seed, args.device, args.batch_size)
+    print(f"evaluated steps {report.evaluated or '-'}; already done {report.skipped or '-'}")
+    for failure in report.failed:
+        print(f"failed: {failure}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def cmd_inspect(args) -> int:
     from .build import load_manifest
 
@@ -289,6 +310,7 @@ COMMANDS = {
     "verify": cmd_verify,
     "ladder": cmd_ladder,
     "train": cmd_train,
+    "eval": cmd_eval,
     "inspect": cmd_inspect,
     "tokenizers": cmd_tokenizers,
 }
