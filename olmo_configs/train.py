@@ -10,6 +10,7 @@ continuing where it stopped (OLMo restores the loader position from the trainer 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,11 +122,15 @@ def launch(config_path: Path, nproc: int | None = None) -> int:
         **os.environ,
     }
     process = subprocess.Popen(command, env=env)
+    # SLURM signals the job's shell (--signal=B:USR2@...): pass it on to the trainer, which saves and stops.
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: process.send_signal(signal.SIGUSR2))
     try:
         return process.wait()
     except KeyboardInterrupt:
-        process.send_signal(2)
+        process.send_signal(signal.SIGINT)
         return process.wait()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def _free_port() -> int:

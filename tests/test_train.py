@@ -98,3 +98,21 @@ def test_train_refuses_a_config_that_does_not_match_the_build(demo_build, tmp_pa
     code = run_cli("train", TINY, "--data", demo_build, "--run", tmp_path / "r", "--max_duration=601")
     assert code == 2 and "at most 600 steps" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_sigusr2_saves_a_checkpoint_and_stops_then_the_run_resumes(demo_build, tmp_path):
+    args = ["train", str(TINY), "--data", str(demo_build), "--max_duration=30", "--run", str(tmp_path / "run")]
+    process = subprocess.Popen([sys.executable, "-m", "inject.cli", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (tmp_path / "run" / "step4-unsharded").exists():
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGUSR2)  # what SLURM sends before a preemption or the time limit
+    assert process.wait(timeout=600) == 0
+    stopped = max(int(p.name[4:].split("-")[0]) for p in (tmp_path / "run").glob("step*-unsharded"))
+    assert 4 <= stopped < 30  # saved where it stopped, not at the end
+    assert sorted(step_indices(tmp_path / "run")) == list(range(1, stopped + 1))
+    assert run_cli(*args) == 0
+    assert (tmp_path / "run" / "step30-unsharded").exists()
+    assert sorted(step_indices(tmp_path / "run")) == list(range(1, 31))
