@@ -13,7 +13,6 @@ Adding a task: subclass `Task`, implement the five methods, decorate with `@regi
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from dataclasses import dataclass
@@ -244,7 +243,3 @@ def parse_text(task: Task, text: str, patterns: list[re.Pattern]) -> tuple[tuple
             correct = m.group("answer") == task.candidates(instance)[task.answer(instance)]
             return instance, t, correct
     return None
-
-
-def log2_space(task: Task) -> float:
-    return math.log2(task.space_size())

@@ -25,10 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .build import TokenStream, load_manifest
-from .config import BuildConfig, TaskConfig
+from .config import TaskConfig
 from .configtools import from_dict
 from .errors import InjectError
-from .injection import Encoder, split_pool
+from .injection import Encoder
 from .ledger import read_ledger
 from .place import PLAN_FILE, POOLS_FILE
 from .tasks import make_task

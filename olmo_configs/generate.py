@@ -9,7 +9,6 @@ olmo_configs/sizes.yaml: the measured parameter counts and run arithmetic next t
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
