@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +33,8 @@ def main(config_path: str) -> None:
     from .compat import CompatTrainer
     from .ladder import checkpoint_steps
 
+    early_stop = []  # a SIGUSR2 during start-up is kept until the trainer exists
+    signal.signal(signal.SIGUSR2, lambda signum, frame: early_stop.append(signum))
     prepare_cli_environment()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
@@ -77,6 +80,7 @@ def main(config_path: str) -> None:
         interval = cfg.save_interval_unsharded or cfg.save_interval or cfg.max_duration
         trainer.extra_checkpoint_steps = frozenset(checkpoint_steps(trainer.max_steps, int(interval)))
         trainer.install_preemption_handler()
+        trainer.stop_requested = bool(early_stop)
         if latest is not None:
             log.info("resuming from %s", latest)
             trainer.restore_checkpoint(latest, load_optimizer_state=True, load_trainer_state=True)
