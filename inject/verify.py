@@ -210,12 +210,13 @@ def _check_batch(view, rows, batch, step, planned, report, use_filter) -> None:
     found = np.zeros(len(planned), dtype=np.int64)
     found_at = {}
     for r in range(len(ids)):
-        for offset, spec, item, template, correct in view.find_block(ids[r]):
+        block = view.find_block(ids[r])
+        for offset, spec, item, template, correct in block:
             found[view.group_of_spec[spec]] += 1
             found_at[(int(index[r]), offset)] = (spec, item, template)
             if not correct:
                 report.fail("order", f"step {step}: instance {index[r]} offset {offset}: example with a wrong answer")
-        if use_filter and "instance_mask" in batch and not bool(batch["instance_mask"][r]) and view.find_block(ids[r]):
+        if use_filter and "instance_mask" in batch and not bool(batch["instance_mask"][r]) and block:
             report.fail("filter", f"step {step}: instance {index[r]} holds examples and OLMo's repetition filter masks it")
     for g, name in enumerate(view.group_names):
         if found[g] != planned[g]:
@@ -274,7 +275,7 @@ def check_held_out(view: BuildView, ledger: np.ndarray, report: Report) -> None:
                     continue
                 parsed += 1
                 spec, item = found[0], found[1]
-                for other, encoder in enumerate(view.encoders):
+                for other in range(len(view.encoders)):
                     if view.group_of_spec[other] == view.group_of_spec[spec] and item in view.held_out[other]:
                         held += 1
                         report.fail("held-out", f"{f['path']}: held-out {view.manifest['injection']['tasks'][other]['name']} "
