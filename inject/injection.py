@@ -255,21 +255,29 @@ class Plan:
         r = self.token_ref[row]
         return flat[starts[r] : starts[r + 1]]
 
+    def batch_positions(self) -> np.ndarray:
+        """Each example's position in OLMo's order: (step - 1) * B + slot."""
+        return (self.step.astype(np.int64) - 1) * self.batch_size + self.slot
+
+    def instances(self, order: np.ndarray) -> np.ndarray:
+        """The OLMo instance that holds each example, under the given global order."""
+        return order[self.batch_positions()].astype(np.int64)
+
     def layout(self) -> None:
         """Offsets from slots: each instance's block starts with EOS; its examples follow in plan order."""
         if not self.examples:
             return
-        order = np.lexsort((np.arange(self.examples), self.slot, self.step))
-        key = (self.step[order].astype(np.int64) - 1) * self.batch_size + self.slot[order]
-        length = self.length[order]
+        rows = np.lexsort((np.arange(self.examples), self.slot, self.step))
+        key = self.batch_positions()[rows]
+        length = self.length[rows]
         ends = np.cumsum(length)
         group_start = np.concatenate([[True], key[1:] != key[:-1]])
         base = np.maximum.accumulate(np.where(group_start, ends - length, 0))
-        self.offset[order] = 1 + ends - length - base
+        self.offset[rows] = 1 + ends - length - base
 
     def block_lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(step, slot, block length) of every instance that holds examples, sorted by (step, slot)."""
-        key = (self.step.astype(np.int64) - 1) * self.batch_size + self.slot
+        key = self.batch_positions()
         unique, inverse = np.unique(key, return_inverse=True)
         totals = np.bincount(inverse, weights=self.length, minlength=len(unique)).astype(np.int64) + 1
         return (unique // self.batch_size + 1), unique % self.batch_size, totals

@@ -153,7 +153,7 @@ def avoid_filtered_instances(config: BuildConfig, injection: Injection, order: n
     avoided: set[tuple[int, int]] = set()
     masked: set[int] = set()
     for _ in range(B + 1):  # each round rules out at least one slot of a batch
-        example_instance = order[(plan.step.astype(np.int64) - 1) * B + plan.slot].astype(np.int64)
+        example_instance = plan.instances(order)
         blocks = instance_blocks(plan, example_instance, eos, dtype)
         masked = filtered_instances(instance_contents(config, blocks, source))
         if not masked:
@@ -210,7 +210,7 @@ def write_injected(config: BuildConfig, injection: Injection, stream: TokenStrea
                 f"(first: instance {min(masked)}) and the batch has no free instance left; lower the rates or set "
                 f"instance_filter: warn"
             )
-    example_instance = order[(plan.step.astype(np.int64) - 1) * B + plan.slot].astype(np.int64)
+    example_instance = plan.instances(order)
 
     writer = OutputWriter(out_dir, config.instances_per_file * L, L)
     dolma_sha, kept, overwritten, position = hashlib.sha256(), 0, 0, 0

@@ -148,18 +148,25 @@ def train_config_for(manifest: dict, save_folder: str, instance_filter: bool):
     )
 
 
+def order_settings(cfg, manifest: dict) -> list[tuple[str, object, object]]:
+    """(field, TrainConfig value, build value) of the settings that fix OLMo's data order."""
+    settings = [("model.max_sequence_length", cfg.model.max_sequence_length, manifest["sequence_length"])]
+    if "injection" in manifest:
+        t = manifest["injection"]["training"]
+        seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
+        settings += [("global_train_batch_size", cfg.global_train_batch_size, t["global_batch_size"]),
+                     ("data.seed (or seed)", seed, t["seed"]),
+                     ("data.drop_last", cfg.data.drop_last, t["drop_last"])]
+    return settings
+
+
 def check_train_config(manifest: dict, path: Path, report: Report) -> None:
     """Compare an OLMo TrainConfig YAML with the build, naming every field that differs."""
     from olmo.config import TrainConfig
 
     cfg = TrainConfig.load(path)
     t, tok = manifest["injection"]["training"], manifest["tokenizer"]
-    seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
-    pairs = [
-        ("global_train_batch_size", cfg.global_train_batch_size, t["global_batch_size"]),
-        ("model.max_sequence_length", cfg.model.max_sequence_length, manifest["sequence_length"]),
-        ("data.seed (or seed)", seed, t["seed"]),
-        ("data.drop_last", cfg.data.drop_last, t["drop_last"]),
+    pairs = order_settings(cfg, manifest) + [
         ("tokenizer.identifier", Path(cfg.tokenizer.identifier).name, Path(tok["olmo_identifier"]).name),
         ("model.eos_token_id", cfg.model.eos_token_id, tok["eos_token_id"]),
         ("model.pad_token_id", cfg.model.pad_token_id, tok["pad_token_id"]),

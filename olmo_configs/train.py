@@ -17,6 +17,7 @@ from pathlib import Path
 
 from inject.build import load_manifest
 from inject.errors import ConfigError
+from inject.verify import order_settings
 
 RESOLVED = "config.yaml"
 
@@ -31,22 +32,13 @@ def resolve_config(config_path: Path, build_dir: Path, run_dir: Path, overrides:
         raise ConfigError(f"{config_path}: {e}") from None
     manifest = load_manifest(build_dir)
     tok = manifest["tokenizer"]
-    problems = []
-    if cfg.model.max_sequence_length != manifest["sequence_length"]:
-        problems.append(("model.max_sequence_length", cfg.model.max_sequence_length, manifest["sequence_length"]))
+    problems = [(name, got, want) for name, got, want in order_settings(cfg, manifest) if got != want]
     if cfg.tokenizer.identifier and Path(cfg.tokenizer.identifier).name != tok["file"]:
         problems.append(("tokenizer.identifier", cfg.tokenizer.identifier, tok["olmo_identifier"]))
     inj = manifest.get("injection")
     if inj:
         t = inj["training"]
-        seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
         steps = int(cfg.max_duration) if str(cfg.max_duration).isdigit() else None
-        if cfg.global_train_batch_size != t["global_batch_size"]:
-            problems.append(("global_train_batch_size", cfg.global_train_batch_size, t["global_batch_size"]))
-        if seed != t["seed"]:
-            problems.append(("data.seed (or seed)", seed, t["seed"]))
-        if cfg.data.drop_last != t["drop_last"]:
-            problems.append(("data.drop_last", cfg.data.drop_last, t["drop_last"]))
         if steps is None or steps > t["steps"]:
             problems.append(("max_duration", cfg.max_duration, f"at most {t['steps']} steps (the plan's length)"))
     if problems:
