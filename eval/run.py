@@ -1,28 +1,31 @@
 """`olmo-inject eval RUN_OR_CHECKPOINT --data BUILD`: score every checkpoint of a run on the build's
 seen and held-out instances; one JSONL per checkpoint, a summary CSV; already evaluated steps are skipped.
 
-Checkpoints: ai2-olmo unsharded folders (`stepN-unsharded/` with `config.yaml` and `model.pt`). A
-checkpoint that cannot be read (missing files, corrupt `model.pt`, another vocabulary) is reported by
-name; the others are still evaluated and the exit code says that something failed.
+Checkpoints: ai2-olmo unsharded or sharded, or Hugging Face folders (see `eval.checkpoints`). A
+checkpoint that cannot be read (missing files, corrupt weights, another vocabulary) is reported by
+name; the others are still evaluated and the exit code says that something failed. The settings of a
+results folder are kept in `eval-config.json`: a rerun with other settings is refused rather than
+mixing two eval sets in one table.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from inject.build import load_manifest
 from inject.errors import InjectError
 
+from .checkpoints import STEP, find_checkpoints, load_checkpoint, load_model  # noqa: F401 (re-exported)
 from .score import score_items, wilson_interval
-from .sets import build_eval_set
+from .sets import build_eval_set, task_info
 
-STEP = re.compile(r"^step(\d+)(-unsharded)?$")
+BUCKETS = [(0, 0, "0"), (1, 1, "1"), (2, 3, "2-3"), (4, 7, "4-7"), (8, 15, "8-15"), (16, 10**12, "16+")]
 
 
 @dataclass
@@ -32,32 +35,15 @@ class EvalReport:
     failed: list[str] = field(default_factory=list)
 
 
-def find_checkpoints(path: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of a checkpoint folder itself, or of every stepN-unsharded folder in a run."""
-    if STEP.match(path.name) and path.is_dir():
-        return [(int(STEP.match(path.name).group(1)), path)]
-    found = [(int(m.group(1)), p) for p in path.glob("step*") if p.is_dir() and (m := STEP.match(p.name))]
-    if not found:
-        raise InjectError(f"{path}: no stepN-unsharded checkpoint folders")
-    return sorted(found)
+@dataclass
+class EvalSettings:
+    """What decides a results folder's eval set; stored as eval-config.json."""
 
-
-def load_checkpoint(folder: Path, manifest: dict, device: str):
-    from olmo.config import ModelConfig
-    from olmo.model import OLMo
-
-    for name in ("config.yaml", "model.pt"):
-        if not (folder / name).exists():
-            raise InjectError(f"{folder}: no {name} (a half-written or sharded checkpoint?)")
-    config = ModelConfig.load(folder / "config.yaml", key="model")
-    vocab = manifest["tokenizer"]["vocab_size"]
-    if config.vocab_size != vocab or config.eos_token_id != manifest["tokenizer"]["eos_token_id"]:
-        raise InjectError(f"{folder}: vocabulary {config.vocab_size} / EOS {config.eos_token_id} differ from the build's "
-                          f"{vocab} / {manifest['tokenizer']['eos_token_id']}")
-    try:
-        return OLMo.from_checkpoint(folder, device=device).eval()
-    except Exception as e:  # torch raises many types for a damaged file
-        raise InjectError(f"{folder}: cannot load model.pt: {e}") from None
+    build: str
+    seen: int
+    held_out: int
+    seed: int
+    unseen_templates: bool
 
 
 def exposure_fields(item, step: int) -> dict:
@@ -65,50 +51,117 @@ def exposure_fields(item, step: int) -> dict:
     return {"exposures": int(len(before)), "steps_since_last": int(step - before[-1]) if len(before) else None}
 
 
+def exposure_bucket(exposures: int) -> str:
+    return next(name for low, high, name in BUCKETS if low <= exposures <= high)
+
+
+def _default_out(path: Path) -> Path:
+    return (path.parent if STEP.search(path.name) and path.name.startswith("step") else path) / "eval"
+
+
+def _check_settings(out_dir: Path, settings: EvalSettings) -> None:
+    target = out_dir / "eval-config.json"
+    if target.exists():
+        old = json.loads(target.read_text())
+        if old != asdict(settings):
+            changed = sorted(k for k in old if old.get(k) != asdict(settings).get(k))
+            raise InjectError(f"{out_dir}: results made with other settings ({', '.join(changed)} differ: "
+                              f"{target} has {old}); use another --out or delete the folder")
+    else:
+        target.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+
+
 def evaluate(path: Path, build_dir: Path, out_dir: Path | None = None, seen: int = 200, held_out: int = 200,
-             seed: int = 0, device: str = "cpu", batch_size: int = 64) -> EvalReport:
+             seed: int = 0, device: str = "cpu", batch_size: int = 64, unseen_templates: bool = False) -> EvalReport:
+    path, build_dir = Path(path), Path(build_dir)
     manifest = load_manifest(build_dir)
     checkpoints = find_checkpoints(path)
-    out_dir = out_dir or (path if not STEP.match(path.name) else path.parent) / "eval"
+    out_dir = Path(out_dir) if out_dir else _default_out(path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = build_eval_set(build_dir, seen, held_out, seed)
+    _check_settings(out_dir, EvalSettings(str(build_dir.resolve()), seen, held_out, seed, unseen_templates))
     report = EvalReport()
-    for step, folder in checkpoints:
-        target = out_dir / f"step{step}.jsonl"
-        if target.exists():
-            report.skipped.append(step)
-            continue
+    todo = [c for c in checkpoints if not (out_dir / f"step{c.step}.jsonl").exists()]
+    report.skipped = [c.step for c in checkpoints if c not in todo]
+    if todo:
+        items = build_eval_set(build_dir, seen, held_out, seed, unseen_templates)
+        tasks = task_info(build_dir)
+        t = manifest["injection"]["training"]
+        tokens_per_step = t["global_batch_size"] * manifest["sequence_length"]
+    for checkpoint in tqdm(todo, desc="checkpoints", unit="ckpt", disable=len(todo) < 2):
         try:
-            model = load_checkpoint(folder, manifest, device)
+            loaded = load_model(checkpoint, manifest, device)
         except InjectError as e:
             report.failed.append(str(e))
             continue
-        rows = score_items(model, items, manifest["tokenizer"]["pad_token_id"], batch_size)
+        rows = score_items(loaded.model, items, manifest["tokenizer"]["pad_token_id"], batch_size)
+        step = checkpoint.step
+        meta = {"step": step, "tokens": step * tokens_per_step, "run": path.name if not checkpoint.folder == path
+                else path.parent.name, "model": loaded.name, "params": loaded.params,
+                "non_embedding_params": loaded.non_embedding_params, "checkpoint_format": checkpoint.format}
+        target = out_dir / f"step{step}.jsonl"
         tmp = target.with_suffix(".tmp")
         with open(tmp, "w") as f:
             for item, row in zip(items, rows):
-                f.write(json.dumps({"step": step, **row, **exposure_fields(item, step)}) + "\n")
+                info = tasks[item.task]
+                f.write(json.dumps({**meta, **row, "kind": info["kind"], "complexity": info["complexity"],
+                                    "rate": info["rate"], **exposure_fields(item, step)}) + "\n")
         tmp.replace(target)  # complete files only: a rerun skips exactly the finished steps
         report.evaluated.append(step)
     write_summary(out_dir)
     return report
 
 
-def write_summary(out_dir: Path) -> Path:
-    """Accuracy with a 95% Wilson interval, per step, task and split (seen / held-out)."""
+def read_results(out_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(Path(out_dir).glob("step*.jsonl")):
+        rows.extend(json.loads(line) for line in path.read_text().splitlines())
+    return rows
+
+
+SUMMARY_COLUMNS = ["model", "params", "step", "tokens", "task", "kind", "complexity", "rate", "split", "format",
+                   "exposures", "n", "accuracy", "ci_low", "ci_high", "greedy_exact", "mean_logprob", "mean_rank"]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Accuracy with a 95% Wilson interval per model, step, task, split and format; seen instances also
+    per exposure bucket (exposures before that step)."""
     groups: dict[tuple, list] = {}
-    for path in sorted(out_dir.glob("step*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            groups.setdefault((row["step"], row["task"], row["split"]), []).append(row)
-    target = out_dir / "summary.csv"
-    with open(target, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "task", "split", "n", "accuracy", "ci_low", "ci_high", "greedy_exact", "mean_logprob", "mean_rank"])
-        for (step, task, split), rows in sorted(groups.items()):
-            n, hits = len(rows), sum(r["correct"] for r in rows)
-            low, high = wilson_interval(hits, n)
-            writer.writerow([step, task, split, n, f"{hits / n:.4f}", f"{low:.4f}", f"{high:.4f}",
-                             f"{np.mean([r['greedy_exact'] for r in rows]):.4f}",
-                             f"{np.mean([r['logprob'] for r in rows]):.4f}", f"{np.mean([r['rank'] for r in rows]):.2f}"])
+    for row in rows:
+        key = (row.get("model", ""), row["step"], row["task"], row["split"], row.get("format", "training"))
+        groups.setdefault((*key, "all"), []).append(row)
+        if row["split"] == "seen":
+            groups.setdefault((*key, exposure_bucket(row["exposures"])), []).append(row)
+    table = []
+    for (model, step, task, split, fmt, bucket), members in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
+        n, hits = len(members), sum(r["correct"] for r in members)
+        low, high = wilson_interval(hits, n)
+        first = members[0]
+        table.append({"model": model, "params": first.get("params"), "step": step, "tokens": first.get("tokens"),
+                      "task": task, "kind": first.get("kind"), "complexity": first.get("complexity"),
+                      "rate": first.get("rate"), "split": split, "format": fmt, "exposures": bucket, "n": n,
+                      "accuracy": hits / n, "ci_low": low, "ci_high": high,
+                      "greedy_exact": float(np.mean([r["greedy_exact"] for r in members])),
+                      "mean_logprob": float(np.mean([r["logprob"] for r in members])),
+                      "mean_rank": float(np.mean([r["rank"] for r in members]))})
+    return table
+
+
+def _sort_key(key: tuple) -> tuple:
+    model, step, task, split, fmt, bucket = key
+    order = [name for _, _, name in BUCKETS]
+    return (model, step, task, split, fmt, -1 if bucket == "all" else order.index(bucket))
+
+
+def write_table(table: list[dict], target: Path) -> Path:
+    tmp = target.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        for row in table:
+            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    tmp.replace(target)
     return target
+
+
+def write_summary(out_dir: Path) -> Path:
+    return write_table(summarize(read_results(out_dir)), Path(out_dir) / "summary.csv")

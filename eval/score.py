@@ -2,59 +2,99 @@
 the log-probability and rank of the right answer. Context and answer are tokenized separately, exactly
 as injected, so there is no joint-tokenization mismatch.
 
-All candidates of one instance go through the model in one padded batch (right padding, so that the
-causal model's scores of real positions are unaffected); when every candidate is one token, a single
-forward pass of the context scores them all.
+Every instance's prompt goes through the model once. Instances whose candidates are all one token are
+scored from the prompt's last position alone (one batched forward pass for many instances). For
+multi-token candidates the prompts are run once with a key/value cache, the cache is repeated for each
+candidate, and only the candidates' tokens are run on top of it. Prompts are batched by length, so no
+padding ever enters a prompt (ai2-olmo takes no position ids, so left padding would shift its rotary
+positions); candidates are right-padded, which leaves the scores of their real positions unchanged.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import numpy as np
 import torch
 
 
-def _forward(model, sequences: list[list[int]], pad: int) -> torch.Tensor:
-    """Log-probabilities [batch, length, vocab] of right-padded sequences."""
-    length = max(map(len, sequences))
-    x = torch.full((len(sequences), length), pad, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        x[i, : len(s)] = torch.tensor(s)
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _run(model, ids: torch.Tensor, cache=None, want_cache: bool = False):
+    """(log-probabilities [batch, length, vocab] on the CPU, the key/value cache or None)."""
     with torch.no_grad():
-        return torch.log_softmax(model(x.to(next(model.parameters()).device)).logits.float(), dim=-1).cpu()
+        out = model(ids.to(_device(model)), past_key_values=cache, use_cache=want_cache)
+    logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
+    if not want_cache:
+        return logp, None
+    return logp, getattr(out, "attn_key_values", None) or out.past_key_values
+
+
+def _repeat_cache(cache, repeats: int):
+    """The prompt cache repeated `repeats` times along the batch (one copy per candidate)."""
+    if hasattr(cache, "batch_repeat_interleave"):  # a transformers Cache object
+        cache.batch_repeat_interleave(repeats)
+        return cache
+    return [(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)) for k, v in cache]
 
 
 def score_items(model, items, pad: int, batch_size: int = 64) -> list[dict]:
-    results = [None] * len(items)
-    single = [i for i, it in enumerate(items) if all(len(c) == 1 for c in it.candidates)]
-    for start in range(0, len(single), batch_size):
-        chunk = single[start : start + batch_size]
-        logp = _forward(model, [items[i].context for i in chunk], pad)
-        for row, i in enumerate(chunk):
-            it = items[i]
-            last = logp[row, len(it.context) - 1]
-            scores = np.array([float(last[c[0]]) for c in it.candidates])
-            greedy = int(last.argmax()) == it.candidates[it.correct][0]
-            results[i] = _result(it, scores, greedy)
+    """One result dict per item, in order (see `_result`)."""
+    results: list[dict | None] = [None] * len(items)
+    groups = defaultdict(list)  # equal prompt lengths batch without padding
     for i, it in enumerate(items):
-        if results[i] is None:
-            logp = _forward(model, [it.context + c for c in it.candidates], pad)
-            scores, greedy = [], False
-            n = len(it.context)
-            for row, cand in enumerate(it.candidates):
-                positions = torch.arange(n - 1, n - 1 + len(cand))
-                token_logp = logp[row, positions, torch.tensor(cand)]
-                scores.append(float(token_logp.sum()))
-                if row == it.correct:  # teacher-forced greedy: every answer token is the argmax
-                    greedy = bool((logp[row, positions].argmax(-1) == torch.tensor(cand)).all())
-            results[i] = _result(it, np.array(scores), greedy)
+        single = all(len(c) == 1 for c in it.candidates)
+        groups[(single, len(it.context), len(it.candidates))].append(i)
+    for (single, _, n_candidates), members in sorted(groups.items()):
+        per_batch = batch_size if single else max(1, batch_size // n_candidates)
+        for start in range(0, len(members), per_batch):
+            chunk = [items[i] for i in members[start : start + per_batch]]
+            scored = _score_single(model, chunk) if single else _score_multi(model, chunk, pad)
+            for i, result in zip(members[start : start + per_batch], scored):
+                results[i] = result
     return results
+
+
+def _score_single(model, chunk) -> list[dict]:
+    logp, _ = _run(model, torch.tensor([it.context for it in chunk]))
+    out = []
+    for row, it in enumerate(chunk):
+        last = logp[row, -1]
+        scores = np.array([float(last[c[0]]) for c in it.candidates])
+        out.append(_result(it, scores, int(last.argmax()) == it.candidates[it.correct][0]))
+    return out
+
+
+def _score_multi(model, chunk, pad: int) -> list[dict]:
+    """Prompt once with a cache, then every candidate's tokens after the first on top of it."""
+    first, cache = _run(model, torch.tensor([it.context for it in chunk]), want_cache=True)
+    first = first[:, -1]                          # predicts each candidate's first token
+    n = len(chunk[0].candidates)
+    longest = max(len(c) for it in chunk for c in it.candidates)
+    rest = torch.full((len(chunk) * n, longest - 1), pad, dtype=torch.long)
+    for row, cand in enumerate(c for it in chunk for c in it.candidates):
+        rest[row, : len(cand) - 1] = torch.tensor(cand[:-1])
+    later, _ = _run(model, rest, _repeat_cache(cache, n))  # position j predicts token j + 1
+    out = []
+    for k, it in enumerate(chunk):
+        scores, greedy = [], False
+        for c, cand in enumerate(it.candidates):
+            row = k * n + c
+            steps = [first[k]] + [later[row, j] for j in range(len(cand) - 1)]
+            scores.append(sum(float(lp[t]) for lp, t in zip(steps, cand)))
+            if c == it.correct:  # teacher-forced greedy: every answer token is the argmax
+                greedy = all(int(lp.argmax()) == t for lp, t in zip(steps, cand))
+        out.append(_result(it, np.array(scores), greedy))
+    return out
 
 
 def _result(it, scores: np.ndarray, greedy: bool) -> dict:
     rank = int((scores > scores[it.correct]).sum()) + 1
     return {"task": it.task, "spec": it.spec, "split": it.split, "item": it.item, "template": it.template,
-            "correct": rank == 1 and int((scores == scores[it.correct]).sum()) == 1, "greedy_exact": greedy,
-            "logprob": float(scores[it.correct]), "rank": rank, "candidates": len(scores)}
+            "format": it.format, "correct": rank == 1 and int((scores == scores[it.correct]).sum()) == 1,
+            "greedy_exact": greedy, "logprob": float(scores[it.correct]), "rank": rank, "candidates": len(scores)}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

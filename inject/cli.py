@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
               olmo-inject demo                                  # sample corpus -> injected build -> verify -> train
               olmo-inject ladder dry-run --preset reference     # the 4M-4B ladder's arithmetic
               olmo-inject train olmo_configs/tiny.yaml --data olmo-inject-demo/build --run runs/tiny
+              olmo-inject eval runs/tiny --data olmo-inject-demo/build   # seen vs held-out, every checkpoint
+              olmo-inject report runs/tiny --out report/                # PNG plots + summary.html
               olmo-inject sample-corpus corpus/                 # just the Dolma-format sample corpus
               olmo-inject plan my-build.yaml --png plan.png     # per-task rates, tokens, capacity
               olmo-inject build my-build.yaml --out build/ --workers 4
@@ -39,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = _sub(sub, "demo", "sample corpus -> injected build -> verify -> tiny OLMo training, end to end, in a working folder",
+    p = _sub(sub, "demo", "sample corpus -> injected build -> verify -> tiny OLMo training -> eval -> report, end to end, in one folder",
              "olmo-inject demo --workdir /tmp/olmo-inject-demo")
     p.add_argument("--workdir", type=Path, default=Path("olmo-inject-demo"), help="folder for everything the demo writes (default: ./olmo-inject-demo)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
@@ -73,14 +75,22 @@ def _parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "eval", "score a run's checkpoints on the build's seen and held-out instances (skips finished steps)",
              "olmo-inject eval runs/tiny --data olmo-inject-demo/build --seen 200 --held-out 200")
-    p.add_argument("run", type=Path, help="a run folder (every stepN-unsharded) or one checkpoint folder")
+    p.add_argument("run", type=Path, help="a run folder (every stepN checkpoint in it) or one checkpoint folder: ai2-olmo "
+                   "unsharded (stepN-unsharded/) or sharded (stepN/), or a Hugging Face model folder")
     p.add_argument("--data", type=Path, required=True, help="the build the run trained on")
     p.add_argument("--out", type=Path, help="results folder (default: RUN/eval)")
     p.add_argument("--seen", type=int, default=200, help="seen instances per task (default: 200)")
     p.add_argument("--held-out", type=int, default=200, help="held-out instances per task (default: 200)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing instances and templates (default: 0)")
+    p.add_argument("--unseen-templates", action="store_true",
+                   help="also ask text-encoded tasks in phrasings training never used (rule vs format)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default: 64)")
+
+    p = _sub(sub, "report", "plots (PNG) and a one-page summary (Markdown, HTML) from eval results of one or more runs",
+             "olmo-inject report runs/20M runs/60M runs/150M --out report/")
+    p.add_argument("results", type=Path, nargs="+", help="run folders (with eval/) or eval results folders")
+    p.add_argument("--out", type=Path, required=True, help="folder for results.csv, the PNGs and summary.md/.html")
 
     p = _sub(sub, "inspect", "summarize a finished build (counts, files, problems)", "olmo-inject inspect build/")
     p.add_argument("build_dir", type=Path)
@@ -220,11 +230,20 @@ def cmd_verify(args) -> int:
 def cmd_eval(args) -> int:
     from eval.run import evaluate
 
-    report = evaluate(args.run, args.data, args.out, args.seen, args.held_out, args.seed, args.device, args.batch_size)
+    report = evaluate(args.run, args.data, out_dir=args.out, seen=args.seen, held_out=args.held_out, seed=args.seed,
+                      device=args.device, batch_size=args.batch_size, unseen_templates=args.unseen_templates)
     print(f"evaluated steps {report.evaluated or '-'}; already done {report.skipped or '-'}")
     for failure in report.failed:
         print(f"failed: {failure}", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def cmd_report(args) -> int:
+    from eval.report import make_report
+
+    for path in make_report(args.results, args.out):
+        print(f"wrote {path}")
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -267,33 +286,44 @@ def cmd_demo(args) -> int:
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    print(f"[1/4] writing the sample corpus to {work / 'corpus'}")
+    print(f"[1/6] writing the sample corpus to {work / 'corpus'}")
     write_sample_corpus(work / "corpus")
     config_path = work / "build.yaml"
     shutil.copyfile(EXAMPLES_DIR / "demo.yaml", config_path)
     config = load_build_config(config_path, workers=args.workers)
-    print(f"[2/4] planning and building {config_path} into {work / 'build'}")
+    print(f"[2/6] planning and building {config_path} into {work / 'build'}")
     text, specs = describe_plan(config)
     print(textwrap.indent(text, "  "))
     plot_plan(specs, config.training.steps, work / "plan.png")
     manifest = run_build(config, work / "build", overwrite=True)
     _print_summary(work / "build", manifest)
-    print(f"[3/4] verifying {work / 'build'} with ai2-olmo's own training data loader")
+    print(f"[3/6] verifying {work / 'build'} with ai2-olmo's own training data loader")
     report = run_verify(work / "build")
     print(textwrap.indent(report.summary(), "  "))
     if not report.ok:
         return 1
     run = work / "run-tiny"
-    print(f"[4/4] training the tiny OLMo model for {args.train_steps} steps on the build (CPU is fine) into {run}")
+    print(f"[4/6] training the tiny OLMo model for {args.train_steps} steps on the build (CPU is fine) into {run}")
     shutil.rmtree(run, ignore_errors=True)
     tiny = Path(olmo_configs.__file__).parent / "tiny.yaml"
     cfg = resolve_config(tiny, work / "build", run, [f"max_duration={args.train_steps}", "console_log_interval=5"])
     code = launch(write_resolved(cfg, run))
     if code:
         raise InjectError(f"training exited with code {code}")
+    from eval.report import make_report
+    from eval.run import evaluate
+
+    print(f"[5/6] evaluating every checkpoint of {run} on seen and held-out instances")
+    result = evaluate(run, work / "build", seen=100, held_out=100)
+    if result.failed:
+        raise InjectError("evaluation failed: " + "; ".join(result.failed))
+    print(f"  evaluated steps {result.evaluated}; results in {run / 'eval'}")
+    print(f"[6/6] writing the report to {work / 'report'}")
+    make_report([run], work / "report")
     print(textwrap.dedent(f"""
         wrote: {work / 'build'} (token files, manifest.json, ledger.npy, olmo-data.yaml), {work / 'plan.png'},
-               {run} (ai2-olmo checkpoints stepN-unsharded, data-indices/)
+               {run} (ai2-olmo checkpoints stepN-unsharded, data-indices/, eval/),
+               {work / 'report'} (summary.html, results.csv, accuracy/retention/heatmap PNGs)
         next:
           olmo-inject inspect {work / 'build'}
           olmo-inject train {tiny} --data {work / 'build'} --run {work / 'run-100'}     # 100 steps
@@ -311,6 +341,7 @@ COMMANDS = {
     "ladder": cmd_ladder,
     "train": cmd_train,
     "eval": cmd_eval,
+    "report": cmd_report,
     "inspect": cmd_inspect,
     "tokenizers": cmd_tokenizers,
 }

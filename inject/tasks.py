@@ -66,6 +66,11 @@ class Task:
         """Answer strings for ranked choice (text encoding), in a fixed order."""
         raise NotImplementedError
 
+    def unseen_templates(self) -> list[str]:
+        """Phrasings for evaluation that no default training template uses: they separate the rule from
+        the format (a model that learned the rule answers them too)."""
+        raise NotImplementedError
+
     label_names: ClassVar[list[str] | None] = None
     """tokens encoding: the label tokens' texts; None when the label is a number (its token is the number's)."""
 
@@ -126,6 +131,9 @@ class Comparison(Task):
     def candidates(self, instance) -> list[str]:
         return [str(instance[0]), str(instance[1])]
 
+    def unseen_templates(self) -> list[str]:
+        return ["Of {a} and {b}, the larger number is {answer}", "max({a}, {b}) = {answer}"]
+
     label_names: ClassVar[list[str] | None] = [">", "<"]
 
     def numbers(self) -> range:
@@ -180,7 +188,13 @@ class ModularAddition(Task):
 
     @property
     def default_template(self) -> str:
-        return " + ".join("{" + FIELDS[i] + "}" for i in range(self.operands)) + " mod {p} = {answer}"
+        return self._sum() + " mod {p} = {answer}"
+
+    def unseen_templates(self) -> list[str]:
+        return [f"({self._sum()}) % {{p}} = {{answer}}", f"The remainder of {self._sum()} divided by {{p}} is {{answer}}"]
+
+    def _sum(self) -> str:
+        return " + ".join("{" + FIELDS[i] + "}" for i in range(self.operands))
 
     def describe(self) -> str:
         return f"modular addition, {self.operands} operands mod {self.modulus}"

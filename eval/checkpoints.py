@@ -1,0 +1,196 @@
+"""Finding and loading checkpoints in the three formats a run or a model hub leaves behind.
+
+- ai2-olmo unsharded: `stepN-unsharded/` with `config.yaml` and `model.pt`;
+- ai2-olmo sharded (torch distributed checkpoint): `stepN/` with `config.yaml` and `model_and_optim/`,
+  read in one process the way ai2-olmo's `olmo.checkpoint.load_model_state` does (its `model` entry),
+  but with torch's own FileSystemReader: ai2-olmo 0.6.0's RemoteFileSystemReader misses methods that
+  torch >= 2.4 requires of a StorageReader and cannot be instantiated;
+- Hugging Face: a folder with `config.json` and weights, loaded with transformers' Auto classes (its OLMo
+  and OLMo-2 classes, or any causal LM); folders written by ai2-olmo's `hf_olmo` converter
+  (`model_type: hf_olmo`) are read into ai2-olmo's own OLMo class, since `hf_olmo`'s wrapper class
+  does not load under transformers 5 (it lacks `all_tied_weights_keys`).
+
+Every loaded model goes through the same scorer: `model(input_ids).logits`, with a key/value cache.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inject.errors import InjectError
+
+STEP = re.compile(r"step(\d+)")
+FORMATS = ("unsharded", "sharded", "hf")
+PREFERENCE = {"unsharded": 0, "hf": 1, "sharded": 2}  # when one step is saved twice, the cheapest to read
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    folder: Path
+    format: str  # one of FORMATS
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    kind: str          # "olmo" (ai2-olmo's OLMo class) or "hf" (a transformers model)
+    name: str          # the run name of an ai2-olmo config, else the folder name
+    params: int        # all parameters, embeddings included
+    non_embedding_params: int
+
+
+def checkpoint_format(folder: Path) -> str | None:
+    if (folder / "model.pt").exists():
+        return "unsharded"
+    if (folder / "model_and_optim").is_dir():
+        return "sharded"
+    if (folder / "config.json").exists():
+        return "hf"
+    return None
+
+
+def _step_of(folder: Path) -> int | None:
+    found = STEP.search(folder.name)
+    return int(found.group(1)) if found else None
+
+
+def find_checkpoints(path: Path) -> list[Checkpoint]:
+    """The checkpoint `path` itself, or every `step*` checkpoint of the run folder `path`, one per step.
+
+    A folder that is named like a checkpoint but holds none of the formats' files (a half-written save)
+    is still listed, as "unsharded", so that loading it reports what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InjectError(f"{path}: no such run or checkpoint folder")
+    own = checkpoint_format(path)
+    if own is not None or (path.name.startswith("step") and _step_of(path) is not None):
+        step = _step_of(path)
+        if step is None:
+            step = _step_from_config(path)
+        return [Checkpoint(step, path, own or "unsharded")]
+    best: dict[int, Checkpoint] = {}
+    for folder in sorted(path.glob("step*")):
+        step = _step_of(folder)
+        if not folder.is_dir() or step is None or folder.name == "latest":
+            continue
+        found = Checkpoint(step, folder, checkpoint_format(folder) or "unsharded")
+        if step not in best or PREFERENCE[found.format] < PREFERENCE[best[step].format]:
+            best[step] = found
+    if not best:
+        raise InjectError(f"{path}: no checkpoint folders (stepN-unsharded/, stepN/ sharded, or Hugging Face)")
+    return [best[s] for s in sorted(best)]
+
+
+def _step_from_config(folder: Path) -> int:
+    """A lone Hugging Face folder without a step in its name: the step it records, else 0."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(config.get("step", 0) or 0)
+
+
+def load_model(checkpoint: Checkpoint, manifest: dict, device: str = "cpu") -> LoadedModel:
+    """Load one checkpoint for scoring; InjectError names the folder and what is wrong with it."""
+    folder = checkpoint.folder
+    if checkpoint.format == "hf":
+        model, name = _load_hf(folder, manifest, device), folder.name
+        kind = "hf" if not hasattr(model, "transformer") else "olmo"
+    else:
+        model, name = _load_olmo(folder, checkpoint.format, manifest, device)
+        kind = "olmo"
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings() if kind == "hf" else model.transformer.wte
+    return LoadedModel(model.eval(), kind, name, params, params - embedding.weight.numel())
+
+
+def load_checkpoint(folder: Path, manifest: dict, device: str = "cpu") -> torch.nn.Module:
+    """The model of one checkpoint folder, whatever its format."""
+    folder = Path(folder)
+    return load_model(Checkpoint(_step_of(folder) or 0, folder, checkpoint_format(folder) or "unsharded"),
+                      manifest, device).model
+
+
+def _check_vocabulary(folder: Path, vocab: int, eos: int | None, manifest: dict) -> None:
+    want_vocab, want_eos = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eos_token_id"]
+    if vocab < want_vocab or (eos is not None and eos != want_eos):
+        raise InjectError(f"{folder}: vocabulary {vocab} / EOS {eos} do not fit the build's tokenizer "
+                          f"{manifest['tokenizer']['name']} ({want_vocab} tokens, EOS {want_eos})")
+
+
+def _load_olmo(folder: Path, fmt: str, manifest: dict, device: str):
+    from olmo.config import ModelConfig, TrainConfig
+    from olmo.model import OLMo
+
+    need = ["config.yaml", "model.pt" if fmt == "unsharded" else "model_and_optim"]
+    for name in need:
+        if not (folder / name).exists():
+            raise InjectError(f"{folder}: no {name} (a half-written checkpoint?)")
+    try:
+        config = ModelConfig.load(folder / "config.yaml", key="model")
+        run_name = TrainConfig.load(folder / "config.yaml").run_name or folder.parent.name
+    except Exception as e:  # omegaconf raises its own types for a broken YAML
+        raise InjectError(f"{folder}/config.yaml: not an ai2-olmo config: {e}") from None
+    _check_vocabulary(folder, config.vocab_size, config.eos_token_id, manifest)
+    try:
+        if fmt == "unsharded":
+            return OLMo.from_checkpoint(folder, device=device), run_name
+        config.init_device = "cpu"
+        model = OLMo(config)
+        _load_sharded_model_state(folder, model)
+        return model.to(device), run_name
+    except Exception as e:  # torch raises many types for a damaged file
+        raise InjectError(f"{folder}: cannot load the {fmt} weights: {e}") from None
+
+
+def _load_sharded_model_state(folder: Path, model: torch.nn.Module) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict()}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder / "model_and_optim")), no_dist=True)
+    model.load_state_dict(state["model"])
+
+
+def _load_hf(folder: Path, manifest: dict, device: str):
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise InjectError(f"{folder}/config.json: not JSON: {e}") from None
+    _check_vocabulary(folder, int(config.get("vocab_size", 0)), config.get("eos_token_id"), manifest)
+    try:
+        if config.get("model_type") == "hf_olmo":
+            model = _load_hf_olmo(folder, config)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a broken folder
+        raise InjectError(f"{folder}: cannot load as a Hugging Face model: {e}") from None
+    return model.to(device)
+
+
+def _load_hf_olmo(folder: Path, config: dict) -> torch.nn.Module:
+    """An `hf_olmo` folder (config.json holds ai2-olmo's ModelConfig fields; weights are prefixed `model.`)."""
+    from dataclasses import fields
+
+    from olmo.config import ModelConfig
+    from olmo.model import OLMo
+
+    known = {f.name for f in fields(ModelConfig)}
+    model_config = ModelConfig(**{k: v for k, v in config.items() if k in known})
+    model_config.init_device = "cpu"
+    if (folder / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(folder / "model.safetensors")
+    else:
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    model = OLMo(model_config)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return model
