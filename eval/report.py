@@ -154,20 +154,24 @@ def plot_memorization(table: list[dict], target: Path) -> Path:
 
 
 def _binned_accuracy(rows: list[dict], key, edges: list[int]):
-    """(bin labels, accuracy, low, high, n) of rows grouped by key(row) into [edges[i], edges[i+1])."""
-    labels, acc, low, high, counts = [], [], [], [], []
-    for a, b in zip(edges[:-1], edges[1:]):
+    """(bin positions, accuracy, low, high, n) of rows grouped by key(row) into [edges[i], edges[i+1])."""
+    positions, acc, low, high, counts = [], [], [], [], []
+    for position, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
         members = [r for r in rows if key(r) is not None and a <= key(r) < b]
         if not members:
             continue
         hits = sum(r["correct"] for r in members)
         lo, hi = wilson_interval(hits, len(members))
-        labels.append(f"{a}" if b == a + 1 else f"{a}-{b - 1}")
+        positions.append(position)
         acc.append(hits / len(members))
         low.append(lo)
         high.append(hi)
         counts.append(len(members))
-    return labels, np.array(acc), np.array(low), np.array(high), counts
+    return positions, np.array(acc), np.array(low), np.array(high), counts
+
+
+def _bin_labels(edges: list[int]) -> list[str]:
+    return [f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])]
 
 
 def plot_retention(rows: list[dict], target: Path) -> Path:
@@ -185,11 +189,12 @@ def plot_retention(rows: list[dict], target: Path) -> Path:
         mine = [r for r in seen if r["model"] == model]
         for ax, key, edges in ((axes[0], lambda r: r["steps_since_last"], gap_edges),
                                (axes[1], lambda r: r["exposures"], count_edges)):
-            labels, acc, low, high, _ = _binned_accuracy(mine, key, edges)
-            if labels:
-                x = np.arange(len(labels))
-                ax.errorbar(x, acc, yerr=np.clip([acc - low, high - acc], 0, None), marker="o", capsize=3, color=colors[model], label=model)
-                ax.set_xticks(x, labels, rotation=45, fontsize=7)
+            x, acc, low, high, _ = _binned_accuracy(mine, key, edges)
+            if x:
+                ax.errorbar(x, acc, yerr=np.clip([acc - low, high - acc], 0, None), marker="o", capsize=3,
+                            color=colors[model], label=model)
+    for ax, edges in ((axes[0], gap_edges), (axes[1], count_edges)):
+        ax.set_xticks(range(len(edges) - 1), _bin_labels(edges), rotation=45, fontsize=7)
     axes[0].set(title="Retention: accuracy against time since the last exposure",
                 xlabel="steps since last exposure (bins)", ylabel="accuracy on seen instances", ylim=(-0.02, 1.02))
     axes[1].set(title="Accuracy against number of exposures", xlabel="exposures before the checkpoint (bins)",
