@@ -1,10 +1,12 @@
 """Finding and loading checkpoints in the three formats a run or a model hub leaves behind.
 
 - ai2-olmo unsharded: `stepN-unsharded/` with `config.yaml` and `model.pt`;
-- ai2-olmo sharded (torch distributed checkpoint): `stepN/` with `config.yaml` and `model_and_optim/`,
-  read in one process the way ai2-olmo's `olmo.checkpoint.load_model_state` does (its `model` entry),
-  but with torch's own FileSystemReader: ai2-olmo 0.6.0's RemoteFileSystemReader misses methods that
-  torch >= 2.4 requires of a StorageReader and cannot be instantiated;
+- ai2-olmo sharded, as its FSDP trainer saves them: `stepN/` with `config.yaml` and either
+  `rank*.pt` (the `torch_legacy` sharded checkpointer, ai2-olmo's default), unsharded in one process by
+  ai2-olmo's own `TorchLegacyShardedCheckpointer.unshard_checkpoint`, or `model_and_optim/` (the
+  `torch_new` checkpointer: a torch distributed checkpoint), read the way ai2-olmo's
+  `load_model_state` does but with torch's own FileSystemReader, because ai2-olmo 0.6.0's
+  RemoteFileSystemReader misses methods that torch >= 2.4 requires and cannot be instantiated;
 - Hugging Face: a folder with `config.json` and weights, loaded with transformers' Auto classes (its OLMo
   and OLMo-2 classes, or any causal LM); folders written by ai2-olmo's `hf_olmo` converter
   (`model_type: hf_olmo`) are read into ai2-olmo's own OLMo class, since `hf_olmo`'s wrapper class
@@ -16,7 +18,9 @@ Every loaded model goes through the same scorer: `model(input_ids).logits`, with
 from __future__ import annotations
 
 import json
+import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +52,7 @@ class LoadedModel:
 def checkpoint_format(folder: Path) -> str | None:
     if (folder / "model.pt").exists():
         return "unsharded"
-    if (folder / "model_and_optim").is_dir():
+    if (folder / "model_and_optim").is_dir() or (folder / "rank0.pt").exists():
         return "sharded"
     if (folder / "config.json").exists():
         return "hf"
@@ -128,9 +132,9 @@ def _load_olmo(folder: Path, fmt: str, manifest: dict, device: str):
     from olmo.config import ModelConfig, TrainConfig
     from olmo.model import OLMo
 
-    need = ["config.yaml", "model.pt" if fmt == "unsharded" else "model_and_optim"]
+    need = ["config.yaml", "model.pt" if fmt == "unsharded" else "model_and_optim/ or rank0.pt"]
     for name in need:
-        if not (folder / name).exists():
+        if not any((folder / n).exists() for n in name.split("/ or ")):
             raise InjectError(f"{folder}: no {name} (a half-written checkpoint?)")
     try:
         config = ModelConfig.load(folder / "config.yaml", key="model")
@@ -152,9 +156,33 @@ def _load_olmo(folder: Path, fmt: str, manifest: dict, device: str):
 def _load_sharded_model_state(folder: Path, model: torch.nn.Module) -> None:
     import torch.distributed.checkpoint as dcp
 
+    if (folder / "rank0.pt").exists():
+        from olmo.checkpoint import TorchLegacyShardedCheckpointer
+        from olmo.config import TrainConfig
+
+        checkpointer = TorchLegacyShardedCheckpointer(TrainConfig.load(folder / "config.yaml"))
+        # The rank files pickle ShardedTensor objects, which torch >= 2.6's weights_only loading refuses.
+        with _environment(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"):
+            state, _, _ = checkpointer.unshard_checkpoint(folder, load_optimizer_state=False, load_trainer_state=False)
+        model.load_state_dict(state)
+        return
     state = {"model": model.state_dict()}
     dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder / "model_and_optim")), no_dist=True)
     model.load_state_dict(state["model"])
+
+
+@contextmanager
+def _environment(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _load_hf(folder: Path, manifest: dict, device: str):

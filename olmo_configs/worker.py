@@ -50,8 +50,7 @@ def main(config_path: str) -> None:
     if cfg.stop_at is None and str(cfg.max_duration).isdigit():
         cfg.stop_at = int(cfg.max_duration)  # OLMo would otherwise run 10 steps past max_duration
     if not cuda:
-        cfg.distributed_strategy = DistributedStrategy.ddp  # FSDP needs GPUs
-        cfg.model.init_device = "cpu"
+        cfg.model.init_device = "cpu"  # FSDP runs on CPU too (gloo), e.g. to write real sharded checkpoints
 
     latest = find_latest_checkpoint(cfg.save_folder)
     seed_all(cfg.seed)
@@ -66,7 +65,8 @@ def main(config_path: str) -> None:
     else:
         dist_model = FSDP(model, sharding_strategy=cfg.fsdp.sharding_strategy, mixed_precision=cfg.fsdp_precision,
                           auto_wrap_policy=model.get_fsdp_wrap_policy(cfg.fsdp.wrapping_strategy),
-                          use_orig_params=cfg.fsdp.use_orig_params, limit_all_gathers=True, device_id=get_local_rank(),
+                          use_orig_params=cfg.fsdp.use_orig_params, limit_all_gathers=True,
+                          device_id=get_local_rank() if cuda else device,
                           param_init_fn=lambda m: m.to_empty(device=device))
         model.reset_parameters()
     optim = build_optimizer(cfg, dist_model)

@@ -262,3 +262,31 @@ def test_report_writes_readable_plots_and_a_summary(build, memorized_run, tmp_pa
     page = (tmp_path / "report" / "summary.html").read_text()
     assert page.count("<img") == 4 and "tiny (small-run)" in page
     assert "| tiny (run) | 100 |" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_a_build_without_its_ledger_is_named(build, tmp_path, capsys):
+    broken = tmp_path / "build"
+    shutil.copytree(build, broken)
+    (broken / "ledger.npy").unlink()
+    save_checkpoint(tmp_path / "run" / "step0-unsharded", seed=0)
+    assert run_cli("eval", tmp_path / "run", "--data", broken) == 2
+    assert f"{broken}: no ledger.npy" in capsys.readouterr().err
+
+
+def test_sharded_checkpoints_of_a_real_fsdp_run_score_like_its_unsharded_one(build, tmp_path):
+    """ai2-olmo's trainer under FSDP (gloo, on CPU) saves `torch_legacy` sharded checkpoints (rank0.pt);
+    eval unshards them with ai2-olmo's own checkpointer."""
+    from eval.run import evaluate, read_results
+
+    run = tmp_path / "run"
+    assert run_cli("train", TINY, "--data", build, "--run", run, "--distributed_strategy=fsdp", "--max_duration=3",
+                   "--global_train_batch_size=8", "--device_train_microbatch_size=8", "--model.max_sequence_length=64") == 0
+    assert (run / "step3" / "rank0.pt").exists() and (run / "step3-unsharded" / "model.pt").exists()
+    assert evaluate(run / "step3", build, out_dir=tmp_path / "sharded", seen=10, held_out=10).failed == []
+    assert evaluate(run / "step3-unsharded", build, out_dir=tmp_path / "unsharded", seen=10, held_out=10).failed == []
+    sharded, unsharded = read_results(tmp_path / "sharded"), read_results(tmp_path / "unsharded")
+    assert {r["checkpoint_format"] for r in sharded} == {"sharded"}
+    assert [r["logprob"] for r in sharded] == [r["logprob"] for r in unsharded]
+    assert evaluate(run / "step0", build, out_dir=tmp_path / "step0", seen=10, held_out=10).failed == []
+    step0 = [r["logprob"] for r in read_results(tmp_path / "step0")]
+    assert step0 != [r["logprob"] for r in sharded]  # three steps of training moved the scores
