@@ -91,6 +91,13 @@ def _curve(table, model, task, split):
     return [np.array(c) for c in zip(*points)] if points else None
 
 
+def _chance(ax, table: list[dict], task: str) -> None:
+    """A dotted line at the accuracy of guessing among the task's candidates."""
+    chance = next((r.get("chance") for r in table if r["task"] == task and r.get("chance") is not None), None)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
+
+
 def _save(fig, target: Path) -> Path:
     tmp = target.with_name(target.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -111,8 +118,15 @@ def plot_accuracy_vs_tokens(table: list[dict], target: Path) -> Path:
 
     tasks, models = sorted({r["task"] for r in table}), _models(table)
     colors = _colors(models)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    from matplotlib.ticker import EngFormatter
+
+    columns = min(3, len(tasks))
+    rows = -(-len(tasks) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows + 0.4), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks):
+        ax.xaxis.set_major_formatter(EngFormatter())
         for model in models:
             for split, style in (("seen", "-"), ("held_out", "--")):
                 curve = _curve(table, model, task, split)
@@ -120,10 +134,11 @@ def plot_accuracy_vs_tokens(table: list[dict], target: Path) -> Path:
                     tokens, _, acc, low, high = curve
                     ax.plot(tokens, acc, style, marker="o", ms=3, color=colors[model], label=f"{model} {split}")
                     ax.fill_between(tokens, low, high, color=colors[model], alpha=0.12)
+        _chance(ax, table, task)
         ax.set(title=_task_label(table, task), xlabel="training tokens", ylabel="ranked-choice accuracy", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Accuracy against training tokens (solid: seen instances, dashed: held-out)")
+    fig.suptitle("Accuracy against training tokens (solid: seen instances, dashed: held-out, dotted: chance)")
     fig.tight_layout()
     return _save(fig, target)
 
@@ -145,6 +160,7 @@ def plot_memorization(table: list[dict], target: Path) -> Path:
                 ax.plot(held[1], held[2], "--o", ms=3, label="held-out (rule)", color="tab:orange")
             if seen is not None and held is not None and len(seen[1]) == len(held[1]):
                 ax.fill_between(seen[1], held[2], seen[2], color="tab:blue", alpha=0.1)
+            _chance(ax, table, task)
             ax.set(title=f"{model}: {task}", xlabel="training step", ylabel="accuracy", ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)

@@ -119,7 +119,7 @@ def read_results(out_dir: Path) -> list[dict]:
 
 
 SUMMARY_COLUMNS = ["model", "params", "step", "tokens", "task", "kind", "complexity", "rate", "split", "format",
-                   "exposures", "n", "accuracy", "ci_low", "ci_high", "greedy_exact", "mean_logprob", "mean_rank"]
+                   "exposures", "n", "accuracy", "ci_low", "ci_high", "chance", "greedy_exact", "mean_logprob", "mean_rank"]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -140,6 +140,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                       "task": task, "kind": first.get("kind"), "complexity": first.get("complexity"),
                       "rate": first.get("rate"), "split": split, "format": fmt, "exposures": bucket, "n": n,
                       "accuracy": hits / n, "ci_low": low, "ci_high": high,
+                      "chance": float(np.mean([1 / r["candidates"] for r in members])),
                       "greedy_exact": float(np.mean([r["greedy_exact"] for r in members])),
                       "mean_logprob": float(np.mean([r["logprob"] for r in members])),
                       "mean_rank": float(np.mean([r["rank"] for r in members]))})
