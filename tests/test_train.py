@@ -116,3 +116,25 @@ def test_sigusr2_saves_a_checkpoint_and_stops_then_the_run_resumes(demo_build, t
     assert run_cli(*args) == 0
     assert (tmp_path / "run" / "step30-unsharded").exists()
     assert sorted(step_indices(tmp_path / "run")) == list(range(1, 31))
+
+
+def test_two_processes_on_cpu_share_each_batch_and_train_like_one(demo_build, tmp_path):
+    """torchrun with 2 gloo processes (DDP): the ranks' halves of every step make up the one-process batch,
+    and the weights after 3 steps equal the one-process run's up to float reassociation."""
+    from olmo.model import OLMo
+
+    for nproc in (1, 2):
+        assert run_cli("train", TINY, "--data", demo_build, "--run", tmp_path / f"n{nproc}", "--nproc", nproc,
+                       "--max_duration=3") == 0
+    one = step_indices(tmp_path / "n1")
+    halves = [{int(l.split()[0]): [int(i) for i in l.split()[1:]]
+               for l in (tmp_path / "n2" / "data-indices" / f"rank{r}.tsv").read_text().splitlines()} for r in (0, 1)]
+    assert sorted(one) == [1, 2, 3]
+    for step, batch in one.items():
+        assert len(halves[0][step]) == len(halves[1][step]) == len(batch) // 2
+        assert sorted(halves[0][step] + halves[1][step]) == sorted(batch)
+    a = OLMo.from_checkpoint(tmp_path / "n1" / "step3-unsharded", device="cpu").state_dict()
+    b = OLMo.from_checkpoint(tmp_path / "n2" / "step3-unsharded", device="cpu").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    start = OLMo.from_checkpoint(tmp_path / "n1" / "step0-unsharded", device="cpu").state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # the runs did train
