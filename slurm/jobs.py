@@ -1,0 +1,206 @@
+"""What a submission runs, as readable sbatch scripts: dataset build (job array + finishing job), one
+training job per model size, and one evaluation job after each training job.
+
+Rendering is pure (no SLURM, no files written): `render --dry-run` and the golden-file tests see exactly
+what `submit` would send.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inject.errors import ConfigError
+
+from .profile import ClusterProfile, JobResources, seconds
+
+SLURM_DIR = "slurm"  # inside the runs folder: scripts, logs/, state.json
+
+
+@dataclass
+class Training:
+    """One training run of the submission (one ladder size)."""
+
+    name: str
+    """Run name: the run folder RUNS/<name> and the job names."""
+    config: Path
+    """The OLMo TrainConfig YAML."""
+    overrides: list[str] = field(default_factory=list)
+    """TrainConfig overrides, `key=value`."""
+    steps: int = 0
+    """Steps the run trains (max_duration, overrides applied)."""
+    nodes: int = 1
+    gpus_per_node: int = 0
+    estimate: str = ""
+    """How the node count was chosen, for the script's header."""
+
+
+@dataclass
+class Job:
+    key: str
+    """Unique within a submission: build-tokenize, build-finish, train-<name>, eval-<name>."""
+    script: str
+    after: list[str]
+    """Keys of the jobs this one waits for (afterok)."""
+    kind: str
+    """build, train or eval: how `status` checks whether it is done."""
+    name: str = ""
+    """The training run it belongs to (train and eval jobs)."""
+
+
+@dataclass
+class Submission:
+    runs: Path
+    data: Path
+    profile: ClusterProfile
+    trainings: list[Training]
+    build_config: Path | None = None
+    build_inputs: int = 0
+    """Input files of the build (sets the array's size)."""
+    eval_args: list[str] | None = field(default_factory=list)
+    """Extra `olmo-inject eval` arguments; None: no evaluation jobs."""
+    workdir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def folder(self) -> Path:
+        return self.runs / SLURM_DIR
+
+    def jobs(self) -> list[Job]:
+        """Every job, dependencies first."""
+        jobs = []
+        if self.build_config is not None:
+            jobs += [self._tokenize_job(), self._finish_job()]
+        for training in self.trainings:
+            jobs.append(self._train_job(training, ["build-finish"] if self.build_config else []))
+            if self.eval_args is not None:
+                jobs.append(self._eval_job(training))
+        return jobs
+
+    # -------------------------------------------------------------------------------- the scripts
+
+    def _header(self, key: str, title: str, resources: list[str], requeue: bool = False, array: str | None = None,
+                own: JobResources | None = None) -> list[str]:
+        p = self.profile
+        log = self.folder / "logs" / (f"{key}-%A_%a.out" if array else f"{key}-%j.out")
+        placement = {"partition": p.partition, "account": p.account, "qos": p.qos, "constraint": p.constraint}
+        if own is not None and own.partition:
+            placement.update(partition=own.partition, constraint=None)
+        options = [f"--job-name=oi-{self.runs.name}-{key}"]
+        options += [f"--{name}={value}" for name, value in placement.items() if value]
+        options += resources
+        if array:
+            options.append(f"--array={array}")
+        if requeue:
+            options += [f"--signal=B:USR2@{p.signal_seconds}", "--requeue"]
+        options += ["--open-mode=append", f"--output={log}", *p.extra_sbatch]
+        lines = ["#!/bin/bash", f"# olmo-inject: {title}", f"# cluster profile: {p.name}; rendered by `olmo-inject slurm render`"]
+        lines += [f"#SBATCH {o}" for o in options]
+        lines += ["", "set -euo pipefail", *p.setup, f"cd {q(self.workdir)}", ""]
+        return lines
+
+    def _tokenize_job(self) -> Job:
+        parts = min(self.build_inputs, self.profile.max_array_size)
+        b = self.profile.build
+        command = (f"olmo-inject build {q(self.build_config)} --out {q(self.data)} --workers 1 "
+                   f"--part \"$SLURM_ARRAY_TASK_ID/{parts}\"")
+        lines = self._header("build-tokenize", f"tokenize {self.build_inputs} inputs of {self.build_config} in "
+                             f"{parts} array tasks (task K takes inputs i with i % {parts} == K)",
+                             _resources(b, cpus=1), array=f"0-{parts - 1}", own=b)
+        lines += ["echo \"olmo-inject: array task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID on $(hostname)\"",
+                  command, ""]
+        return Job("build-tokenize", "\n".join(lines), [], "build")
+
+    def _finish_job(self) -> Job:
+        b = self.profile.build
+        lines = self._header("build-finish", f"finish the build of {self.build_config} into {self.data} "
+                             f"(reuses the array's tokenized inputs; injects, writes, checks)", _resources(b), own=b)
+        lines += [f"olmo-inject build {q(self.build_config)} --out {q(self.data)} --workers {b.cpus}",
+                  f"olmo-inject verify {q(self.data)} --sample 64", ""]
+        return Job("build-finish", "\n".join(lines), ["build-tokenize"], "build")
+
+    def _train_job(self, t: Training, after: list[str]) -> Job:
+        p = self.profile
+        gpus = [f"--gpus-per-node={t.gpus_per_node}"] if t.gpus_per_node else []
+        resources = [f"--nodes={t.nodes}", "--ntasks-per-node=1", *gpus, f"--cpus-per-task={p.cpus_per_node}",
+                     f"--mem={p.mem}", f"--time={p.time_limit}"]
+        run = self.runs / t.name
+        title = f"train {t.name} ({t.config}) on {self.data} into {run}, {t.steps:,d} steps"
+        lines = self._header(f"train-{t.name}", title, resources, requeue=True)
+        if t.estimate:
+            lines[2:2] = [f"# {t.estimate}"]
+        overrides = "".join(f" --{o}" for o in t.overrides)
+        lines += [
+            "# Rendezvous on the first node; the port is derived from the job id, so jobs sharing a node differ.",
+            "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)",
+            "MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
+            "echo \"olmo-inject: job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, nodes $SLURM_JOB_NODELIST, "
+            "rendezvous $MASTER_ADDR:$MASTER_PORT\"",
+            "",
+            "# Preemption and the time limit: SLURM sends USR2 to this shell, which passes it to srun and srun to the",
+            "# trainer; the trainer saves a checkpoint and exits, and the job requeues itself. The requeued job",
+            "# resumes from that checkpoint with the same data order.",
+            "preempted=0 child=",
+            "trap 'preempted=1; echo \"olmo-inject: USR2, saving and requeueing\"; kill -USR2 \"$child\" 2>/dev/null || true' USR2",
+            "",
+            "srun --kill-on-bad-exit=1 --ntasks-per-node=1 \\",
+            f"  olmo-inject train {q(t.config)} --data {q(self.data)} --run {q(run)} \\",
+            f"    --nproc {max(t.gpus_per_node, 1)} --nnodes {t.nodes} --rendezvous \"$MASTER_ADDR:$MASTER_PORT\"{overrides} &",
+            "child=$!",
+            "status=0",
+            "wait \"$child\" || status=$?",
+            "while kill -0 \"$child\" 2>/dev/null; do status=0; wait \"$child\" || status=$?; done  # woken by the trap",
+            "if [ \"$preempted\" = 1 ]; then",
+            "  scontrol requeue \"$SLURM_JOB_ID\"",
+            "  exit 0",
+            "fi",
+            "exit \"$status\"",
+            "",
+        ]
+        return Job(f"train-{t.name}", "\n".join(lines), after, "train", t.name)
+
+    def _eval_job(self, t: Training) -> Job:
+        e = self.profile.eval
+        run = self.runs / t.name
+        device = "cuda" if e.gpus else "cpu"
+        args = "".join(f" {q(a)}" for a in self.eval_args or [])
+        lines = self._header(f"eval-{t.name}", f"evaluate every checkpoint of {run} (seen vs held-out) after its "
+                             "training job; finished steps are skipped", _resources(e), own=e)
+        lines += [f"olmo-inject eval {q(run)} --data {q(self.data)} --device {device}{args}", ""]
+        return Job(f"eval-{t.name}", "\n".join(lines), [f"train-{t.name}"], "eval", t.name)
+
+
+def _resources(r: JobResources, cpus: int | None = None) -> list[str]:
+    gpus = [f"--gpus={r.gpus}"] if r.gpus else []
+    return ["--ntasks=1", *gpus, f"--cpus-per-task={cpus or r.cpus}", f"--mem={r.mem}", f"--time={r.time_limit}"]
+
+
+def q(value) -> str:
+    return shlex.quote(str(value))
+
+
+# ------------------------------------------------------------------------------------ node counts
+
+
+def choose_nodes(params: int, tokens: int, global_batch: int, profile: ClusterProfile) -> tuple[int, str]:
+    """The smallest power-of-two node count that trains in `target_hours` (6ND FLOPs at the profile's MFU),
+    capped at `max_nodes` and at what splits the global batch evenly over the GPUs; and the arithmetic."""
+    p = profile
+    if p.gpus_per_node == 0:
+        return 1, "CPU profile: one node, one process"
+    gpu_hours = 6.0 * params * tokens / (p.gpu_tflops * 1e12 * p.mfu) / 3600
+    nodes = 1
+    while nodes < p.max_nodes and gpu_hours / (nodes * p.gpus_per_node) > p.target_hours:
+        nodes *= 2
+    nodes = min(nodes, p.max_nodes)
+    while nodes > 1 and global_batch % (nodes * p.gpus_per_node):
+        nodes -= 1
+    if global_batch % (nodes * p.gpus_per_node):
+        raise ConfigError(f"global_train_batch_size: {global_batch} does not split over {p.gpus_per_node} GPUs "
+                          f"(profile {p.name}, gpus_per_node)")
+    hours = gpu_hours / (nodes * p.gpus_per_node)
+    jobs = math.ceil(hours * 3600 / max(seconds(p.time_limit) - p.signal_seconds, 1))
+    return nodes, (f"{params:,d} params x {tokens / 1e9:.2f}B tokens x 6 = {6 * params * tokens:.3e} FLOPs = "
+                   f"{gpu_hours:,.0f} GPU-hours at {p.mfu:.0%} MFU of {p.gpu_tflops:g} TFLOP/s -> {nodes} node(s) x "
+                   f"{p.gpus_per_node} GPUs, ~{hours:,.1f} h, {jobs} job(s) of {p.time_limit}")

@@ -1,0 +1,149 @@
+"""Cluster profiles: everything that differs between SLURM clusters, in one YAML file, out of the code.
+
+Two ship with the toolkit (slurm/profiles/): `example-8gpu` (8 GPUs per node, the shape of most
+clusters; copy and edit it) and `local-cpu` (one CPU node, e.g. the single-node SLURM of the tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from inject.errors import ConfigError
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$|^\d+$")  # D-HH:MM:SS, HH:MM:SS or minutes
+MEMORY = re.compile(r"^\d+[KMGT]?$")
+
+
+@dataclass
+class JobResources:
+    """What one evaluation or one build job asks for (training jobs take whole nodes)."""
+
+    gpus: int = 0
+    """GPUs for the job (evaluation: 1 is plenty; builds: 0)."""
+    cpus: int = 4
+    """CPU cores (builds: tokenizer processes)."""
+    mem: str = "32G"
+    """Memory, in SLURM's notation (`32G`; `0` = all of the node's)."""
+    time_limit: str = "04:00:00"
+    """Wall-clock limit, D-HH:MM:SS or HH:MM:SS."""
+    partition: str | None = None
+    """Another partition for these jobs (e.g. a CPU partition for builds; the profile's `constraint` is then
+    dropped); None: the profile's partition."""
+
+
+@dataclass
+class ClusterProfile:
+    name: str
+    """A name for the cluster, shown in the rendered scripts."""
+    partition: str | None = None
+    """`--partition`; None: the cluster's default partition."""
+    account: str | None = None
+    """`--account` to charge; None: your default account."""
+    qos: str | None = None
+    """`--qos`; None: the default."""
+    constraint: str | None = None
+    """`--constraint` (node features, e.g. `h100`); None: any node of the partition."""
+    gpus_per_node: int = 8
+    """GPUs on one node; 0 for CPU nodes (training then runs one CPU process per node)."""
+    cpus_per_node: int = 64
+    """CPU cores a training job takes on each node."""
+    mem: str = "0"
+    """Memory per training node, in SLURM's notation; `0` = all of it."""
+    time_limit: str = "48:00:00"
+    """Wall-clock limit of one training job. Longer runs are fine: the job checkpoints at the limit and requeues."""
+    signal_seconds: int = 300
+    """SIGUSR2 arrives this long before the time limit (`--signal=B:USR2@...`): time to save a checkpoint."""
+    max_nodes: int = 16
+    """Most nodes one training job may use."""
+    target_hours: float = 72.0
+    """Wall-clock a training run should take: sets its node count (the smallest power of two that fits)."""
+    gpu_tflops: float = 989.0
+    """Peak bf16 TFLOP/s of one GPU, for the node-count arithmetic (989: H100 SXM)."""
+    mfu: float = 0.4
+    """Expected model FLOPs utilization, for the node-count arithmetic."""
+    max_array_size: int = 1001
+    """The cluster's MaxArraySize (`scontrol show config`): build arrays are chunked to it."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines every job runs first: `module load ...`, `source ~/venvs/olmo-inject/bin/activate`."""
+    extra_sbatch: list[str] = field(default_factory=list)
+    """More `#SBATCH` options, verbatim, for every job (e.g. `--exclusive`, `--mail-type=FAIL`)."""
+    eval: JobResources = field(default_factory=lambda: JobResources(gpus=1, cpus=8, mem="64G"))
+    """Resources of one evaluation job."""
+    build: JobResources = field(default_factory=lambda: JobResources(gpus=0, cpus=8, mem="32G"))
+    """Resources of one build (tokenization) job of the array, and of the finishing job."""
+
+    def validate(self, source: str = "profile") -> "ClusterProfile":
+        problems = []
+        for name in ("gpus_per_node", "cpus_per_node", "max_nodes", "max_array_size", "signal_seconds"):
+            value = getattr(self, name)
+            minimum = 0 if name == "gpus_per_node" else 1
+            if not isinstance(value, int) or value < minimum:
+                problems.append(f"{name}: expected an integer >= {minimum}, got {value!r}")
+        for name in ("target_hours", "gpu_tflops", "mfu"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                problems.append(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        for prefix, obj in (("", self), ("eval.", self.eval), ("build.", self.build)):
+            if not TIME.match(str(obj.time_limit)):
+                problems.append(f"{prefix}time_limit: expected D-HH:MM:SS or HH:MM:SS, got {obj.time_limit!r}")
+            if not MEMORY.match(str(obj.mem)):
+                problems.append(f"{prefix}mem: expected SLURM memory like 32G or 0, got {obj.mem!r}")
+        if self.signal_seconds >= 0.5 * seconds(self.time_limit) if TIME.match(str(self.time_limit)) else False:
+            problems.append(f"signal_seconds: {self.signal_seconds} s is half the time limit {self.time_limit} or more")
+        for name in ("setup", "extra_sbatch"):
+            if not isinstance(getattr(self, name), list) or not all(isinstance(x, str) for x in getattr(self, name)):
+                problems.append(f"{name}: expected a list of strings")
+        if problems:
+            raise ConfigError(f"{source}: " + "; ".join(problems))
+        return self
+
+
+def seconds(time_limit: str) -> int:
+    """SLURM time notation in seconds (a bare number is minutes)."""
+    text = str(time_limit)
+    if text.isdigit():
+        return int(text) * 60
+    days, _, clock = text.rpartition("-")
+    h, m, s = (int(x) for x in clock.split(":"))
+    return (int(days) if days else 0) * 86400 + h * 3600 + m * 60 + s
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | Path) -> ClusterProfile:
+    """A shipped profile by name (`example-8gpu`, `local-cpu`) or a YAML file; unknown keys are errors."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = PROFILES_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(f"--profile: no profile {name_or_path!r}; shipped: {available()}, or give a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the profile: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of profile fields")
+    data.setdefault("name", path.stem)
+    return _build(ClusterProfile, data, str(path)).validate(str(path))
+
+
+def _build(cls, data: dict, source: str, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown field {prefix}{unknown[0]}; expected one of {sorted(fields)}")
+    values = {}
+    for key, value in data.items():
+        if key in ("eval", "build"):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {prefix}{key}: expected a mapping of gpus, cpus, mem, time_limit, partition")
+            value = _build(JobResources, value, source, f"{key}.")
+        values[key] = value
+    return cls(**values)

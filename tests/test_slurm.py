@@ -1,0 +1,263 @@
+"""SLURM: rendered scripts (golden files), cluster profiles, and real jobs on a single-node SLURM cluster
+started by the tests (tests/slurm_cluster.py): an array build equal to a local build, training followed
+by evaluation, resubmission that submits nothing twice, and a preempted job that resumes.
+
+UPDATE_GOLDEN=1 python -m pytest tests/test_slurm.py -k golden   # after an intended change to the scripts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import slurm_cluster
+from conftest import run_cli
+from inject.cli import EXAMPLES_DIR
+from inject.errors import ConfigError
+from inject.sample import write_sample_corpus
+from slurm.jobs import Submission
+from slurm.profile import load_profile
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).parent / "golden" / "slurm"
+TINY = REPO / "olmo_configs" / "tiny.yaml"
+
+
+# ------------------------------------------------------------------------------ rendering, no SLURM
+
+
+def reference_submission() -> Submission:
+    """The reference ladder on the example 8-GPU profile, building its data first (fixed paths)."""
+    from slurm.submit import training_for
+
+    profile = load_profile("example-8gpu")
+    trainings = [training_for(REPO / "olmo_configs" / "reference" / f"{s}.yaml", [], profile)
+                 for s in ("4M", "20M", "300M", "1B", "4B")]
+    return Submission(runs=Path("/scratch/lab/runs"), data=Path("/scratch/lab/build"), profile=profile,
+                      trainings=trainings, build_config=Path("/home/lab/reference-build.yaml"), build_inputs=2500,
+                      eval_args=["--seen", "200", "--held-out", "200"], workdir=Path("/home/lab/olmo-inject"))
+
+
+def test_rendered_scripts_match_the_golden_files():
+    jobs = reference_submission().jobs()
+    rendered = {f"{job.key}.sbatch": job.script.replace(str(REPO), "<repo>") for job in jobs}
+    if os.environ.get("UPDATE_GOLDEN"):
+        shutil.rmtree(GOLDEN, ignore_errors=True)
+        GOLDEN.mkdir(parents=True)
+        for name, text in rendered.items():
+            (GOLDEN / name).write_text(text)
+    assert sorted(rendered) == sorted(p.name for p in GOLDEN.glob("*.sbatch"))
+    for name, text in rendered.items():
+        assert text == (GOLDEN / name).read_text(), f"{name} differs from tests/golden/slurm (UPDATE_GOLDEN=1 if intended)"
+
+
+def sbatch_options(script: str) -> dict[str, str]:
+    return dict(line[len("#SBATCH --"):].partition("=")[::2] for line in script.splitlines() if line.startswith("#SBATCH --"))
+
+
+def test_reference_ladder_scripts_are_what_a_cluster_accepts():
+    sub = reference_submission()
+    jobs = {job.key: job for job in sub.jobs()}
+    assert list(jobs) == ["build-tokenize", "build-finish"] + [f"{k}-{s}" for s in ("4M", "20M", "300M", "1B", "4B")
+                                                               for k in ("train", "eval")]
+    for job in jobs.values():
+        syntax = subprocess.run(["bash", "-n"], input=job.script, capture_output=True, text=True)
+        assert syntax.returncode == 0, f"{job.key}: {syntax.stderr}"
+        options = sbatch_options(job.script)
+        assert options["partition"] == ("cpu" if job.kind == "build" else "gpu")  # builds need no GPU
+        assert options["account"] == "my-lab" and options["qos"] == "normal"
+        assert "module load cuda/12.4" in job.script and "source $HOME/venvs/olmo-inject/bin/activate" in job.script
+    # Training: whole nodes of 8 GPUs, as many as the FLOPs need in 72 hours, preemption-safe.
+    nodes = {t.name: t.nodes for t in sub.trainings}
+    assert nodes == {"4M": 1, "20M": 1, "300M": 1, "1B": 2, "4B": 8}
+    for t in sub.trainings:
+        script = jobs[f"train-{t.name}"].script
+        options = sbatch_options(script)
+        assert options["nodes"] == str(t.nodes) and options["gpus-per-node"] == "8" and options["ntasks-per-node"] == "1"
+        assert options["time"] == "48:00:00" and options["signal"] == "B:USR2@300" and "requeue" in options
+        assert "srun --kill-on-bad-exit=1" in script and f"--nproc 8 --nnodes {t.nodes}" in script
+        assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script and "SLURM_JOB_ID % 20000" in script
+        assert jobs[f"train-{t.name}"].after == ["build-finish"] and jobs[f"eval-{t.name}"].after == [f"train-{t.name}"]
+        assert sbatch_options(jobs[f"eval-{t.name}"].script)["gpus"] == "1"
+    # The build: 2,500 inputs in an array of at most MaxArraySize (1001) tasks, then one finishing job.
+    tokenize = jobs["build-tokenize"].script
+    assert sbatch_options(tokenize)["array"] == "0-1000" and '--part "$SLURM_ARRAY_TASK_ID/1001"' in tokenize
+    assert jobs["build-finish"].after == ["build-tokenize"]
+
+
+def test_submit_dry_run_prints_every_script_and_writes_nothing(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert run_cli("slurm", "submit", "--profile", "example-8gpu", "--preset", "reference", "--size", "1B",
+                   "--data", tmp_path / "build", "--runs", runs, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "train-1B.sbatch" in out and "eval-1B.sbatch  (afterok: train-1B)" in out and "#SBATCH --nodes=2" in out
+    assert "1,040 GPU-hours" in out  # the arithmetic behind the node count is printed
+    assert not runs.exists()
+
+
+def test_bad_profiles_and_arguments_name_the_field(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    for text, field in [("gpus_per_node: -1", "gpus_per_node"), ("time_limit: 2 days", "time_limit"),
+                        ("eval: {mem: lots}", "eval.mem"), ("partitoin: gpu", "partitoin"),
+                        ("setup: module load cuda", "setup")]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(field)) as e:
+            load_profile(bad)
+        assert str(bad) in str(e.value)
+    assert run_cli("slurm", "render", "--profile", "no-such-cluster", "--data", "b", "--runs", tmp_path / "r",
+                   "--config", TINY) == 2
+    assert "no profile 'no-such-cluster'" in capsys.readouterr().err
+    assert run_cli("slurm", "render", "--profile", "local-cpu", "--data", "b", "--runs", tmp_path / "r",
+                   "--config", TINY, "--nodes", "tiny=two") == 2
+    assert "--nodes: 'tiny=two' is not NAME=N" in capsys.readouterr().err
+    assert run_cli("slurm", "status", "--runs", tmp_path / "nothing") == 2
+    assert "nothing was submitted" in capsys.readouterr().err
+
+
+def test_build_parts_refuse_a_part_outside_the_array(tmp_path, capsys):
+    assert run_cli("build", EXAMPLES_DIR / "demo.yaml", "--out", tmp_path / "b", "--part", "4/4") == 2
+    assert "--part: 4/4 is not a part of 4" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ a real SLURM
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = slurm_cluster.missing_requirements()
+    state = tmp_path_factory.mktemp("slurm-state")
+    if why is None:
+        try:
+            slurm_cluster.start(state)
+        except (slurm_cluster.ClusterUnavailable, subprocess.CalledProcessError) as e:
+            why = f"the test cluster did not start: {e}"
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"SLURM tests cannot run in CI: {why}")
+        pytest.skip(f"no local SLURM: {why}")
+    # Jobs inherit the submitting environment (sbatch's default): put this interpreter's olmo-inject on PATH.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    yield state
+    subprocess.run(["scancel", "--user", "root"], capture_output=True)
+    slurm_cluster.stop(state)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A sample corpus in 8 shards and the demo build config over it."""
+    work = tmp_path_factory.mktemp("slurm-project")
+    write_sample_corpus(work / "corpus", shards=8)
+    shutil.copyfile(EXAMPLES_DIR / "demo.yaml", work / "build.yaml")
+    return work
+
+
+def job_state(job_id: str) -> tuple[str, int]:
+    text = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return re.search(r"JobState=(\S+)", text).group(1), int(re.search(r"Restarts=(\d+)", text).group(1))
+
+
+def wait_for(condition, what: str, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def wait_finished(runs: Path, timeout: float = 900) -> dict:
+    """Wait until SLURM holds none of the runs folder's jobs as active; their state.json entries."""
+    from slurm.submit import ACTIVE, job_states
+
+    state = json.loads((runs / "slurm" / "state.json").read_text())["jobs"]
+    ids = [job["id"] for job in state.values()]
+    wait_for(lambda: not any(s & ACTIVE for s in job_states(ids).values()), f"jobs {ids} of {runs}", timeout)
+    return state
+
+
+def logs(runs: Path, key: str) -> str:
+    return "".join(p.read_text() for p in sorted((runs / "slurm" / "logs").glob(f"{key}-*.out")))
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_array_build_then_training_then_eval_and_a_resubmission_submits_nothing(cluster, project, capsys):
+    runs, data = project / "runs", project / "build"
+    submit = ["slurm", "submit", "--profile", "local-cpu", "--config", TINY, "--set", "max_duration=4",
+              "--data", data, "--build", project / "build.yaml", "--runs", runs, "--eval-seen", "10", "--eval-held-out", "10"]
+    assert run_cli(*submit) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"build-finish +submitted as \d+ \(after \d+\)", out)
+    assert re.search(r"eval-tiny +submitted as \d+ \(after \d+\)", out)
+    state = wait_finished(runs)
+    for key, job in state.items():
+        assert job_state(job["id"])[0] == "COMPLETED", f"{key}:\n{logs(runs, key)[-3000:]}"
+
+    # The array (8 inputs, MaxArraySize 4: 4 tasks of 2 inputs) and its finishing job built the same bytes
+    # as a local build of the same config.
+    assert len(list((runs / "slurm" / "logs").glob("build-tokenize-*.out"))) == 4
+    assert "verify: OK" in logs(runs, "build-finish")
+    local = project / "local-build"
+    assert run_cli("build", project / "build.yaml", "--out", local) == 0
+    built, expected = tree(data), tree(local)
+    built["olmo-data.yaml"] = built["olmo-data.yaml"].replace(str(data).encode(), str(local).encode())
+    assert built.keys() == expected.keys() and all(built[k] == expected[k] for k in built), \
+        [k for k in built if built[k] != expected.get(k)]
+
+    # Training reached its last step; evaluation covered every checkpoint.
+    run = runs / "tiny"
+    assert (run / "step4-unsharded" / "model.pt").exists()
+    assert sorted(p.name for p in (run / "eval").glob("step*.jsonl")) == [f"step{s}.jsonl" for s in (0, 1, 2, 4)]
+
+    # Everything is done: submitting again submits nothing; status says where each run stands.
+    assert run_cli(*submit) == 0
+    out = capsys.readouterr().out
+    assert "submitted" not in out and out.count(" done") == 4
+    assert run_cli("slurm", "status", "--runs", runs) == 0
+    status = capsys.readouterr().out
+    assert re.search(r"train-tiny +\d+ COMPLETED +4 +4 +4/4", status), status
+
+
+def test_a_preempted_training_job_saves_requeues_and_resumes_from_its_checkpoint(cluster, project, capsys):
+    data = project / "build"
+    if not (data / "manifest.json").exists():
+        assert run_cli("build", project / "build.yaml", "--out", data) == 0
+    runs = project / "preempted"
+    submit = ["slurm", "submit", "--profile", "local-cpu", "--config", TINY, "--set", "max_duration=40",
+              "--data", data, "--runs", runs, "--no-eval"]
+    assert run_cli(*submit) == 0
+    job_id = json.loads((runs / "slurm" / "state.json").read_text())["jobs"]["train-tiny"]["id"]
+    run = runs / "tiny"
+    wait_for(lambda: (run / "step2-unsharded").exists(), "the first checkpoints")
+
+    # Resubmitting while it runs submits nothing.
+    assert run_cli(*submit) == 0
+    assert f"already queued or running as {job_id}" in capsys.readouterr().out
+
+    # What SLURM does before a time limit or a preemption: USR2 to the batch shell.
+    subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], check=True)
+    wait_for(lambda: job_state(job_id)[1] == 1, "the job to requeue itself", timeout=300)
+    # A requeued job becomes eligible after a delay (about two minutes); release it now.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    wait_finished(runs)
+    log = logs(runs, "train-tiny")
+    assert job_state(job_id) == ("COMPLETED", 1), log[-3000:]
+    assert "olmo-inject: USR2, saving and requeueing" in log and "restart 1" in log
+    resumed = re.search(r"resuming from \S*step(\d+)-unsharded", log)
+    assert resumed and 2 <= int(resumed.group(1)) < 40, log[-3000:]
+    assert re.search(rf"starting at step {resumed.group(1)} \(restart count 1\)", log), log[-3000:]
+    # Every step ran once, in OLMo's order, across the two jobs.
+    steps = [int(line.split("\t", 1)[0]) for line in (run / "data-indices" / "rank0.tsv").read_text().splitlines()]
+    assert steps == list(range(1, 41))
+    assert (run / "step40-unsharded" / "model.pt").exists()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["max_duration"] == 40
