@@ -110,6 +110,21 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--C", type=float, default=1.0, help="inverse penalty of the logistic probes (default: 1.0)")
     q.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default: 64)")
 
+    q = _sub(analyses, "interference", "gradient interference per checkpoint: gradients of each task's examples, plain "
+             "Dolma and the next real training batch (split into task tokens and other tokens); norms, pairwise cosines "
+             "per layer and for the first MLP layer's most task-responsive neurons; the batch's share along each "
+             "task's gradient (skips finished steps)",
+             "olmo-inject analyze interference runs/tiny --data olmo-inject-demo/build --n-task 64 --n-dolma 8\n"
+             "  olmo-inject analyze interference runs/1B --data build/ --device cuda --batch-instances 64")
+    _analysis_arguments(q, "interference")
+    q.add_argument("--n-task", type=int, default=64, help="seen examples per task for each task's gradient (default: 64)")
+    q.add_argument("--n-dolma", type=int, default=8, help="plain Dolma instances for the Dolma gradient (default: 8)")
+    q.add_argument("--batch-instances", type=int, help="use at most K instances of the training batch: all that hold "
+                   "examples, then others (default: the whole batch)")
+    q.add_argument("--top-neurons", type=int, default=16, help="the first MLP layer's most task-responsive neurons "
+                   "to compare on (0: none; default: 16)")
+    q.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward pass (default: 8)")
+
     p = _sub(sub, "inspect", "summarize a finished build (counts, files, problems)", "olmo-inject inspect build/")
     p.add_argument("build_dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the whole manifest")
