@@ -226,3 +226,20 @@ def test_interference_runs_on_tiny_checkpoints_and_matches_direct_gradients(buil
         assert image.shape[0] >= 300 and image[..., :3].std() > 0.05, name
     for name in ("norms.csv", "cosines.csv", "projections.csv"):
         assert len((out / name).read_text().splitlines()) > 2
+
+
+def test_both_analyses_read_a_transformers_model(build, tmp_path):  # noqa: F811
+    from transformers import OlmoConfig, OlmoForCausalLM
+
+    from eval.interference import analyze_interference
+    from eval.probe import analyze_probes
+
+    torch.manual_seed(0)
+    config = OlmoConfig(vocab_size=50304, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=256, eos_token_id=50279, pad_token_id=1)
+    OlmoForCausalLM(config).save_pretrained(tmp_path / "hf-step3")
+    assert analyze_probes(tmp_path / "hf-step3", build, out_dir=tmp_path / "p", seen=20, held_out=10).failed == []
+    assert {json.loads(line)["layer"] for line in (tmp_path / "p" / "step3.jsonl").read_text().splitlines()} == {0, 1, 2}
+    assert analyze_interference(tmp_path / "hf-step3", build, out_dir=tmp_path / "i", n_task=4, n_dolma=2).failed == []
+    groups = {json.loads(line)["group"] for line in (tmp_path / "i" / "step3.jsonl").read_text().splitlines()}
+    assert {"embedding", "block0", "block1", "lm_head", "all", "block0.mlp.top16:cmp2"} <= groups
