@@ -243,7 +243,8 @@ def plain_instances(manifest: dict, ledger: np.ndarray, n: int, seed: int) -> np
     for i in rng.permutation(used):
         if len(chosen) == n:
             break
-        if not np.isin(i, holding):
+        at = int(np.searchsorted(holding, i))
+        if at == len(holding) or holding[at] != i:
             chosen.append(int(i))
     return np.array(sorted(chosen), dtype=np.int64)
 
