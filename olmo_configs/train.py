@@ -124,11 +124,11 @@ def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezv
             placement = [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous}",
                          f"--rdzv_id={os.environ.get('SLURM_JOB_ID', 'olmo-inject')}"]
         command = [sys.executable, "-m", "torch.distributed.run", *placement, f"--nproc_per_node={nproc}", *worker]
-        # torchrun's agent would die on SIGUSR2; it ignores it (inherited SIG_IGN) and the workers, which
-        # install their own handler first thing, get it through their process group.
-        process = subprocess.Popen(command, env=env, start_new_session=True,
+        # torchrun's agent would die on SIGUSR2, so it ignores it (an inherited SIG_IGN); its workers run in
+        # sessions of their own and install their own handler first thing: the signal goes to each of them.
+        process = subprocess.Popen(command, env=env,
                                    preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
-        forward = lambda signum: os.killpg(process.pid, signum)  # noqa: E731
+        forward = lambda signum: [_signal(pid, signum) for pid in _children(process.pid)]  # noqa: E731
     # SLURM signals the job's shell (--signal=B:USR2@...), which passes it to srun and srun to us: pass it on
     # to the trainer, which saves a checkpoint and stops.
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: forward(signal.SIGUSR2))
@@ -139,6 +139,27 @@ def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezv
         return process.wait()
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (Linux /proc): torchrun's workers, not the workers' own children
+    (data loader processes, which a stray SIGUSR2 would kill)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _free_port() -> int:

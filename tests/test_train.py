@@ -138,3 +138,32 @@ def test_two_processes_on_cpu_share_each_batch_and_train_like_one(demo_build, tm
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
     start = OLMo.from_checkpoint(tmp_path / "n1" / "step0-unsharded", device="cpu").state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a)  # the runs did train
+
+
+def test_two_nodes_meet_at_a_rendezvous_and_usr2_to_each_launcher_stops_them_together(demo_build, tmp_path):
+    """What a 2-node SLURM job runs: one launcher per node (`--nnodes 2 --rendezvous HOST:PORT`, torchrun with
+    a c10d rendezvous) and, on preemption, USR2 to every launcher (srun forwards it); the launchers pass it
+    past torchrun's agent to the trainers, which stop at the same step; a restart resumes from there."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    args = ["train", str(TINY), "--data", str(demo_build), "--run", str(run), "--max_duration=30"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "inject.cli", *args, "--nproc", "1", "--nnodes", "2",
+                               "--rendezvous", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(2)]
+    deadline = time.time() + 600
+    while not (run / "step4-unsharded").exists():
+        assert all(n.poll() is None for n in nodes) and time.time() < deadline, "training ended before step 4"
+        time.sleep(0.2)
+    for node in nodes:
+        node.send_signal(signal.SIGUSR2)
+    assert [n.wait(timeout=600) for n in nodes] == [0, 0]
+    stopped = max(int(p.name[4:].split("-")[0]) for p in run.glob("step*-unsharded"))
+    assert 4 <= stopped < 30
+    assert run_cli(*args, "--nproc", "2") == 0  # same world size, one node
+    for rank in (0, 1):
+        steps = [int(line.split()[0]) for line in (run / "data-indices" / f"rank{rank}.tsv").read_text().splitlines()]
+        assert steps == list(range(1, 31))  # every step once per rank, across the stop
