@@ -79,15 +79,16 @@ class ToyConfig:
     """Seed of the task subsets, the initial weights, the training stream and the held-out samples."""
     threads: int = 1
     """torch CPU threads while the experiment runs (results are reproducible for a fixed value)."""
-    spacing_widths: tuple[int, ...] = (64, 512)
-    """Widths (narrow, wide) trained in the spacing experiment; empty: skip it. The narrow one should
-    be able to learn the spacing task when it is spread evenly (64 learns the rarest default task)."""
-    spacing_gaps: tuple[int, ...] = (1, 10, 40)
+    spacing_widths: tuple[int, ...] = (16, 512)
+    """Widths (narrow, wide) trained in the spacing experiment; empty: skip it."""
+    spacing_gaps: tuple[int, ...] = (1, 10, 50)
     """Steps between deliveries of the spacing task: 1 is every step; each gap is one training run."""
     spacing_task: int = 0
-    """Task (1-based) delivered on the spacing schedule; 0: the rarest task."""
-    spacing_rate: float = 0.0
-    """Mean examples per step of the spacing task; 0: its mixture rate, p_k * batch_size."""
+    """Task (1-based) delivered on the spacing schedule; 0: the rarest of the least complex tasks (one
+    that a narrow model can learn, so that there is a signal to keep or lose between deliveries)."""
+    spacing_rate: float = 4.0
+    """Mean examples per step of the spacing task (about 1.6% of a 256-example batch); 0: its mixture
+    rate, p_k * batch_size."""
     spacing_steps: int = 6000
     """Training steps of each spacing run."""
     spacing_eval_samples: int = 512
@@ -143,7 +144,10 @@ class ToyConfig:
 
     def spacing_index(self) -> int:
         """0-based index of the spacing task."""
-        return (self.spacing_task or self.tasks) - 1
+        if self.spacing_task:
+            return self.spacing_task - 1
+        simplest = min(self.complexity)
+        return max(k for k, c in enumerate(self.complexity) if c == simplest)
 
     def spacing_mean_rate(self) -> float:
         return float(self.spacing_rate) or float(self.frequencies()[self.spacing_index()] * self.batch_size)
@@ -156,7 +160,7 @@ class ToyConfig:
     def quick(cls, **overrides) -> ToyConfig:
         """A reduced setting (well under a minute on 2 cores) that still shows the effect."""
         settings = dict(tasks=4, bits=12, complexity=(3, 2, 3, 3), widths=(8, 128), steps=2000, eval_every=250,
-                        eval_samples=500, spacing_widths=(8, 128), spacing_gaps=(1, 25), spacing_rate=4.0, spacing_steps=1000)
+                        eval_samples=500, spacing_widths=(8, 128), spacing_gaps=(1, 25), spacing_task=4, spacing_steps=1000)
         settings.update(overrides)
         return cls(**settings)
 
@@ -400,7 +404,8 @@ def final_table(config: ToyConfig, rows: list[dict]) -> list[dict]:
 def spacing_table(config: ToyConfig, rows: list[dict]) -> list[dict]:
     """Per gap and width, over the last fifth of the run: mean accuracy and loss of the spacing task;
     its accuracy on the step of a delivery (just after the update on the burst) and on the step before
-    the next one; `decay` is the first minus the second (what is lost between observations)."""
+    the next one; `decay` is the first minus the second (what is lost between observations), and
+    `loss_rise` the same for the loss (the step before the next delivery minus the delivery step)."""
     out = []
     for gap in config.spacing_gaps:
         for width in config.spacing_widths:
@@ -409,6 +414,8 @@ def spacing_table(config: ToyConfig, rows: list[dict]) -> list[dict]:
             tail = [r for r in series if r["step"] > last - max(gap, last // 5)]
             after = [r["accuracy"] for r in tail if r["steps_since_burst"] == 0]
             before = [r["accuracy"] for r in tail if r["steps_since_burst"] == gap - 1]
+            loss_after = [r["loss"] for r in tail if r["steps_since_burst"] == 0]
+            loss_before = [r["loss"] for r in tail if r["steps_since_burst"] == gap - 1]
             out.append(dict(gap=gap, burst=series[0]["burst"], width=width,
                             final_accuracy=float(np.mean([r["accuracy"] for r in series if r["step"] == last])),
                             final_loss=float(np.mean([r["loss"] for r in series if r["step"] == last])),
@@ -416,7 +423,8 @@ def spacing_table(config: ToyConfig, rows: list[dict]) -> list[dict]:
                             tail_loss=float(np.mean([r["loss"] for r in tail])),
                             accuracy_after_delivery=float(np.mean(after)) if after else float("nan"),
                             accuracy_before_next=float(np.mean(before)) if before else float("nan"),
-                            decay=float(np.mean(after) - np.mean(before)) if after and before else float("nan")))
+                            decay=float(np.mean(after) - np.mean(before)) if after and before else float("nan"),
+                            loss_rise=float(np.mean(loss_before) - np.mean(loss_after)) if after and before else float("nan")))
     return out
 
 
@@ -485,24 +493,22 @@ def plot_toy(config: ToyConfig, rows: list[dict], spacing: list[dict], target: P
                xlabel="training step", ylabel=f"held-out accuracy ({window}-step mean)", ylim=(0.4, 1.02))
         ax.legend(fontsize=7, loc="upper left")
         ax.grid(alpha=0.3)
-        # (d) last fifth: accuracy vs gap, with after-delivery / before-next
+        # (d) last fifth: forgetting between deliveries vs gap
         ax = axes[1][1]
         table = spacing_table(config, spacing)
         gaps = list(config.spacing_gaps)
         for wi, w in enumerate(config.spacing_widths):
             mine = [r for r in table if r["width"] == w]
             c = cmap(wi / max(1, len(config.spacing_widths) - 1) * 0.9)
-            ax.plot(gaps, [r["tail_accuracy"] for r in mine], "-o", color=c, label=f"width {w}: mean")
-            ax.plot(gaps, [r["accuracy_after_delivery"] for r in mine], "^", color=c, ms=6, alpha=0.7,
-                    label=f"width {w}: on a delivery step")
-            ax.plot(gaps, [r["accuracy_before_next"] for r in mine], "v", color=c, ms=6, alpha=0.7,
-                    label=f"width {w}: just before the next")
-        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+            ax.plot(gaps, [r["loss_rise"] for r in mine], "-o", color=c, label=f"width {w}: loss rise (nats)")
+            ax.plot(gaps, [r["decay"] for r in mine], "--^", color=c, alpha=0.7, label=f"width {w}: accuracy drop")
+        ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xticks(gaps, [str(g) for g in gaps])
-        ax.set(title="(d) Spacing: same examples, bigger gaps (last fifth of training)",
-               xlabel="steps between deliveries (log scale)", ylabel="held-out accuracy", ylim=(0.4, 1.02))
-        ax.legend(fontsize=7, loc="lower left")
+        ax.set(title="(d) Spacing: forgetting between deliveries (last fifth of training)",
+               xlabel="steps between deliveries (log scale)",
+               ylabel="before next delivery minus on delivery step")
+        ax.legend(fontsize=7, loc="upper left")
         ax.grid(alpha=0.3)
 
     fig.suptitle("Toy capacity experiment: sparse-parity mixture, one-hidden-layer MLPs of several widths")
@@ -524,8 +530,8 @@ def describe(config: ToyConfig) -> str:
     for k in range(config.tasks):
         lines.append(f"| {k + 1} | {freq[k]:.4f} | {config.complexity[k]} | {freq[k] * config.batch_size:.2f} | "
                      f"{freq[k] * config.batch_size * config.steps:,.0f} |")
-    lines += ["", "| width | parameters |", "|---:|---:|"]
-    lines += [f"| {w} | {parameter_count(w, config):,} |" for w in config.widths]
+    lines += ["", f"| width | parameters | models ({config.repeats} initializations each) |", "|---:|---:|---:|"]
+    lines += [f"| {w} | {parameter_count(w, config):,} | {config.repeats} |" for w in config.widths]
     if config.spacing_widths and config.spacing_gaps:
         k = config.spacing_index()
         lines += ["", f"spacing: task {k + 1} ({config.complexity[k]} bits) at {config.spacing_mean_rate():.3g} examples "
@@ -548,12 +554,14 @@ def write_summary(config: ToyConfig, rows: list[dict], spacing: list[dict], seco
         k = config.spacing_index()
         lines += ["", f"## Spacing (task {k + 1}, same mean rate, delivered every `gap` steps)", "",
                   "Over the last fifth of each run: mean held-out accuracy and loss; accuracy on the step of a "
-                  "delivery and on the step before the next one; decay = the first minus the second.", "",
-                  "| gap | burst | width | accuracy | loss | after delivery | before next | decay |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "delivery and on the step before the next one; decay = the first minus the second; loss rise: the "
+                  "loss before the next delivery minus the loss on the delivery step (forgetting between observations).", "",
+                  "| gap | burst | width | accuracy | loss | after delivery | before next | decay | loss rise |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in spacing_table(config, spacing):
             lines.append(f"| {r['gap']} | {r['burst']} | {r['width']} | {r['tail_accuracy']:.3f} | {r['tail_loss']:.3f} | "
-                         f"{r['accuracy_after_delivery']:.3f} | {r['accuracy_before_next']:.3f} | {r['decay']:+.3f} |")
+                         f"{r['accuracy_after_delivery']:.3f} | {r['accuracy_before_next']:.3f} | {r['decay']:+.3f} | "
+                         f"{r['loss_rise']:+.3f} |")
     lines += ["", f"Runtime: {seconds:.0f} s with {config.threads} torch thread(s).", ""]
     return "\n".join(lines)
 
