@@ -5,7 +5,8 @@ Recipe (../shared/DESIGN.md, section 5): Debian's `slurm-wlm` and `munge` packag
 temporary folder. Needs root (slurmd runs jobs as their users). Without an accounting database there is
 no `sacct`: the tests poll `squeue` and `scontrol show job`.
 
-    python tests/slurm_cluster.py start /tmp/slurm    # by hand, for trying the scripts
+    python tests/slurm_cluster.py start /tmp/slurm    # by hand, for trying the scripts; then
+    export SLURM_CONF=/tmp/slurm/slurm.conf            # for sbatch, squeue, scontrol, olmo-inject slurm
     python tests/slurm_cluster.py stop /tmp/slurm
 """
 
@@ -20,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-CONF = Path("/etc/slurm/slurm.conf")
 DAEMONS = ("slurmd", "slurmctld")  # stopped in this order
 
 
@@ -48,11 +48,19 @@ def node_line() -> str:
             f"ThreadsPerCore={fields.get('ThreadsPerCore', 1)} RealMemory={memory} State=UNKNOWN")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def slurm_conf(state: Path) -> str:
     host = socket.gethostname()
     return "\n".join([
         "ClusterName=olmo-inject-test",
         f"SlurmctldHost={host}",
+        f"SlurmctldPort={_free_port()}",  # not 6817/6818: a SLURM the machine already runs is left alone
+        f"SlurmdPort={_free_port()}",
         "SlurmUser=root",
         "AuthType=auth/munge",
         f"StateSaveLocation={state}/ctld",
@@ -92,8 +100,10 @@ def _start_munge() -> None:
     subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
 
 
-def start(state: Path, timeout: float = 60.0) -> None:
-    """Start munged, slurmctld and slurmd with state under `state`; wait until the node is idle."""
+def start(state: Path, timeout: float = 60.0) -> Path:
+    """Start munged, slurmctld and slurmd with their config and state under `state`; wait until the node is
+    idle. Returns the config file: SLURM commands (and the jobs, which inherit it) find the cluster through
+    SLURM_CONF, which this sets in os.environ; /etc/slurm is not touched."""
     why = missing_requirements()
     if why:
         raise ClusterUnavailable(why)
@@ -102,15 +112,16 @@ def start(state: Path, timeout: float = 60.0) -> None:
     for sub in ("ctld", "spool"):
         (state / sub).mkdir(exist_ok=True)
     _start_munge()
-    CONF.parent.mkdir(parents=True, exist_ok=True)
-    CONF.write_text(slurm_conf(state))
-    subprocess.run(["slurmctld"], check=True)
-    subprocess.run(["slurmd"], check=True)
+    conf = state / "slurm.conf"
+    conf.write_text(slurm_conf(state))
+    os.environ["SLURM_CONF"] = str(conf)
+    subprocess.run(["slurmctld", "-f", str(conf)], check=True)
+    subprocess.run(["slurmd", "-f", str(conf)], check=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
         out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.split()
         if out and all(s == "idle" for s in out):
-            return
+            return conf
         time.sleep(0.5)
     logs = "".join((state / f"{d}.log").read_text()[-2000:] for d in DAEMONS if (state / f"{d}.log").exists())
     raise ClusterUnavailable(f"the node did not become idle in {timeout:.0f} s; daemon logs:\n{logs}")

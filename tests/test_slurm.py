@@ -135,6 +135,7 @@ def test_build_parts_refuse_a_part_outside_the_array(tmp_path, capsys):
 def cluster(tmp_path_factory):
     why = slurm_cluster.missing_requirements()
     state = tmp_path_factory.mktemp("slurm-state")
+    saved = dict(os.environ)  # start() sets SLURM_CONF
     if why is None:
         try:
             slurm_cluster.start(state)
@@ -149,6 +150,8 @@ def cluster(tmp_path_factory):
     yield state
     subprocess.run(["scancel", "--user", "root"], capture_output=True)
     slurm_cluster.stop(state)
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
