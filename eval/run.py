@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from inject.build import load_manifest
-from inject.errors import InjectError
 
+from .analysis import default_out, run_over_checkpoints
 from .checkpoints import STEP, find_checkpoints, load_checkpoint, load_model  # noqa: F401 (re-exported)
 from .score import score_items, wilson_interval
 from .sets import build_eval_set, task_info
@@ -55,60 +54,27 @@ def exposure_bucket(exposures: int) -> str:
     return next(name for low, high, name in BUCKETS if low <= exposures <= high)
 
 
-def _default_out(path: Path) -> Path:
-    return (path.parent if STEP.search(path.name) and path.name.startswith("step") else path) / "eval"
-
-
-def _check_settings(out_dir: Path, settings: EvalSettings) -> None:
-    target = out_dir / "eval-config.json"
-    if target.exists():
-        old = json.loads(target.read_text())
-        if old != asdict(settings):
-            changed = sorted(k for k in old if old.get(k) != asdict(settings).get(k))
-            raise InjectError(f"{out_dir}: results made with other settings ({', '.join(changed)} differ: "
-                              f"{target} has {old}); use another --out or delete the folder")
-    else:
-        target.write_text(json.dumps(asdict(settings), indent=2) + "\n")
-
-
 def evaluate(path: Path, build_dir: Path, out_dir: Path | None = None, seen: int = 200, held_out: int = 200,
              seed: int = 0, device: str = "cpu", batch_size: int = 64, unseen_templates: bool = False) -> EvalReport:
     path, build_dir = Path(path), Path(build_dir)
-    manifest = load_manifest(build_dir)
-    checkpoints = find_checkpoints(path)
-    out_dir = Path(out_dir) if out_dir else _default_out(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(out_dir, EvalSettings(str(build_dir.resolve()), seen, held_out, seed, unseen_templates))
-    report = EvalReport()
-    todo = [c for c in checkpoints if not (out_dir / f"step{c.step}.jsonl").exists()]
-    report.skipped = [c.step for c in checkpoints if c not in todo]
-    if todo:
-        items = build_eval_set(build_dir, seen, held_out, seed, unseen_templates)
-        tasks = task_info(build_dir)
-        t = manifest["injection"]["training"]
-        tokens_per_step = t["global_batch_size"] * manifest["sequence_length"]
-    for checkpoint in tqdm(todo, desc="checkpoints", unit="ckpt", disable=len(todo) < 2):
-        try:
-            loaded = load_model(checkpoint, manifest, device)
-        except InjectError as e:
-            report.failed.append(str(e))
-            continue
-        rows = score_items(loaded.model, items, manifest["tokenizer"]["pad_token_id"], batch_size)
-        step = checkpoint.step
-        meta = {"step": step, "tokens": step * tokens_per_step, "run": path.name if not checkpoint.folder == path
-                else path.parent.name, "model": loaded.name, "params": loaded.params,
-                "non_embedding_params": loaded.non_embedding_params, "checkpoint_format": checkpoint.format}
-        target = out_dir / f"step{step}.jsonl"
-        tmp = target.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            for item, row in zip(items, rows):
-                info = tasks[item.task]
-                f.write(json.dumps({**meta, **row, "kind": info["kind"], "complexity": info["complexity"],
-                                    "rate": info["rate"], **exposure_fields(item, step)}) + "\n")
-        tmp.replace(target)  # complete files only: a rerun skips exactly the finished steps
-        report.evaluated.append(step)
+    out_dir = Path(out_dir) if out_dir else default_out(path, "eval")
+    pad = load_manifest(build_dir)["tokenizer"]["pad_token_id"]
+    settings = asdict(EvalSettings(str(build_dir.resolve()), seen, held_out, seed, unseen_templates))
+    eval_set: dict = {}  # drawn at the first checkpoint that needs it: a run with nothing new reads no ledger
+
+    def score(loaded, checkpoint, meta) -> list[dict]:
+        if not eval_set:
+            eval_set.update(items=build_eval_set(build_dir, seen, held_out, seed, unseen_templates),
+                            tasks=task_info(build_dir))
+        items, tasks = eval_set["items"], eval_set["tasks"]
+        rows = score_items(loaded.model, items, pad, batch_size)
+        return [{**row, "kind": tasks[item.task]["kind"], "complexity": tasks[item.task]["complexity"],
+                 "rate": tasks[item.task]["rate"], **exposure_fields(item, checkpoint.step)}
+                for item, row in zip(items, rows)]
+
+    done = run_over_checkpoints(path, build_dir, out_dir, settings, "eval-config.json", score, device)
     write_summary(out_dir)
-    return report
+    return EvalReport(done.analyzed, done.skipped, done.failed)
 
 
 def read_results(out_dir: Path) -> list[dict]:
