@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eval", action="store_true", help="no evaluation jobs after training")
     p.add_argument("--eval-seen", type=int, default=200, help="seen instances per task in evaluation (default: 200)")
     p.add_argument("--eval-held-out", type=int, default=200, help="held-out instances per task (default: 200)")
+    p.add_argument("--analyze", action="append", choices=["probe", "interference"], default=[],
+                   help="also run `olmo-inject analyze` in each evaluation job, after scoring (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the scripts and their dependencies; write and submit nothing")
 
 
@@ -99,9 +101,11 @@ def submission(args):
         raise ConfigError(f"--config: two runs would share a name (the file's stem): {names}")
     inputs = count_inputs(args.build) if args.build else 0
     eval_args = None if args.no_eval else ["--seen", str(args.eval_seen), "--held-out", str(args.eval_held_out)]
+    if args.no_eval and args.analyze:
+        raise ConfigError("--analyze: the analyses run in the evaluation jobs, which --no-eval turns off")
     return Submission(runs=args.runs.resolve(), data=args.data.resolve(), profile=profile, trainings=trainings,
                       build_config=args.build.resolve() if args.build else None, build_inputs=inputs,
-                      eval_args=eval_args)
+                      eval_args=eval_args, analyses=sorted(set(args.analyze)))
 
 
 def _nodes(items: list[str]) -> dict[str, int]:

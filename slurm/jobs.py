@@ -61,6 +61,8 @@ class Submission:
     """Input files of the build (sets the array's size)."""
     eval_args: list[str] | None = field(default_factory=list)
     """Extra `olmo-inject eval` arguments; None: no evaluation jobs."""
+    analyses: list[str] = field(default_factory=list)
+    """`olmo-inject analyze` analyses (probe, interference) the evaluation job runs after scoring."""
     workdir: Path = field(default_factory=Path.cwd)
 
     @property
@@ -165,9 +167,12 @@ class Submission:
         run = self.runs / t.name
         device = "cuda" if e.gpus else "cpu"
         args = "".join(f" {q(a)}" for a in self.eval_args or [])
-        lines = self._header(f"eval-{t.name}", f"evaluate every checkpoint of {run} (seen vs held-out) after its "
-                             "training job; finished steps are skipped", _resources(e), own=e)
-        lines += [f"olmo-inject eval {q(run)} --data {q(self.data)} --device {device}{args}", ""]
+        also = f", then {' and '.join(self.analyses)}" if self.analyses else ""
+        lines = self._header(f"eval-{t.name}", f"evaluate every checkpoint of {run} (seen vs held-out{also}) after "
+                             "its training job; finished steps are skipped", _resources(e), own=e)
+        lines += [f"olmo-inject eval {q(run)} --data {q(self.data)} --device {device}{args}"]
+        lines += [f"olmo-inject analyze {a} {q(run)} --data {q(self.data)} --device {device}" for a in self.analyses]
+        lines += [""]
         return Job(f"eval-{t.name}", "\n".join(lines), [f"train-{t.name}"], "eval", t.name)
 
 

@@ -114,7 +114,7 @@ def _write_json(path: Path, value) -> None:
 
 def settings_of(sub: Submission) -> dict:
     return {"data": str(sub.data), "profile": asdict(sub.profile), "build_config": str(sub.build_config or ""),
-            "eval_args": sub.eval_args, "workdir": str(sub.workdir),
+            "eval_args": sub.eval_args, "analyses": sub.analyses, "workdir": str(sub.workdir),
             "trainings": [{"name": t.name, "config": str(t.config), "overrides": t.overrides, "nodes": t.nodes}
                           for t in sub.trainings]}
 
@@ -128,7 +128,8 @@ def is_done(job: Job, sub: Submission) -> bool:
     steps = _checkpoint_steps(run)
     if job.kind == "train":
         return training.steps in steps
-    return bool(steps) and training.steps in steps and all((run / "eval" / f"step{s}.jsonl").exists() for s in steps)
+    return bool(steps) and training.steps in steps and all(
+        (run / folder / f"step{s}.jsonl").exists() for s in steps for folder in ["eval", *sub.analyses])
 
 
 def _checkpoint_steps(run: Path) -> set[int]:

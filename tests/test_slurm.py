@@ -44,7 +44,8 @@ def reference_submission() -> Submission:
                  for s in ("4M", "20M", "300M", "1B", "4B")]
     return Submission(runs=Path("/scratch/lab/runs"), data=Path("/scratch/lab/build"), profile=profile,
                       trainings=trainings, build_config=Path("/home/lab/reference-build.yaml"), build_inputs=2500,
-                      eval_args=["--seen", "200", "--held-out", "200"], workdir=Path("/home/lab/olmo-inject"))
+                      eval_args=["--seen", "200", "--held-out", "200"], analyses=["probe", "interference"],
+                      workdir=Path("/home/lab/olmo-inject"))
 
 
 def test_rendered_scripts_match_the_golden_files():
@@ -88,6 +89,8 @@ def test_reference_ladder_scripts_are_what_a_cluster_accepts():
         assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script and "SLURM_JOB_ID % 20000" in script
         assert jobs[f"train-{t.name}"].after == ["build-finish"] and jobs[f"eval-{t.name}"].after == [f"train-{t.name}"]
         assert sbatch_options(jobs[f"eval-{t.name}"].script)["gpus"] == "1"
+        assert f"olmo-inject analyze interference /scratch/lab/runs/{t.name} --data /scratch/lab/build --device cuda" \
+            in jobs[f"eval-{t.name}"].script
     # The build: 2,500 inputs in an array of at most MaxArraySize (1001) tasks, then one finishing job.
     tokenize = jobs["build-tokenize"].script
     assert sbatch_options(tokenize)["array"] == "0-1000" and '--part "$SLURM_ARRAY_TASK_ID/1001"' in tokenize
@@ -196,7 +199,8 @@ def tree(folder: Path) -> dict[str, bytes]:
 def test_array_build_then_training_then_eval_and_a_resubmission_submits_nothing(cluster, project, capsys):
     runs, data = project / "runs", project / "build"
     submit = ["slurm", "submit", "--profile", "local-cpu", "--config", TINY, "--set", "max_duration=4",
-              "--data", data, "--build", project / "build.yaml", "--runs", runs, "--eval-seen", "10", "--eval-held-out", "10"]
+              "--data", data, "--build", project / "build.yaml", "--runs", runs, "--eval-seen", "10", "--eval-held-out", "10",
+              "--analyze", "probe"]
     assert run_cli(*submit) == 0
     out = capsys.readouterr().out
     assert re.search(r"build-finish +submitted as \d+ \(after \d+\)", out)
@@ -219,7 +223,8 @@ def test_array_build_then_training_then_eval_and_a_resubmission_submits_nothing(
     # Training reached its last step; evaluation covered every checkpoint.
     run = runs / "tiny"
     assert (run / "step4-unsharded" / "model.pt").exists()
-    assert sorted(p.name for p in (run / "eval").glob("step*.jsonl")) == [f"step{s}.jsonl" for s in (0, 1, 2, 4)]
+    for results in ("eval", "probe"):  # scoring, then the probes, in the evaluation job
+        assert sorted(p.name for p in (run / results).glob("step*.jsonl")) == [f"step{s}.jsonl" for s in (0, 1, 2, 4)]
 
     # Everything is done: submitting again submits nothing; status says where each run stands.
     assert run_cli(*submit) == 0
