@@ -32,7 +32,6 @@ class Training:
     steps: int = 0
     """Steps the run trains (max_duration, overrides applied)."""
     nodes: int = 1
-    gpus_per_node: int = 0
     estimate: str = ""
     """How the node count was chosen, for the script's header."""
 
@@ -124,7 +123,7 @@ class Submission:
 
     def _train_job(self, t: Training, after: list[str]) -> Job:
         p = self.profile
-        gpus = [f"--gpus-per-node={t.gpus_per_node}"] if t.gpus_per_node else []
+        gpus = [f"--gpus-per-node={p.gpus_per_node}"] if p.gpus_per_node else []
         resources = [f"--nodes={t.nodes}", "--ntasks-per-node=1", *gpus, f"--cpus-per-task={p.cpus_per_node}",
                      f"--mem={p.mem}", f"--time={p.time_limit}"]
         run = self.runs / t.name
@@ -148,7 +147,7 @@ class Submission:
             "",
             "srun --kill-on-bad-exit=1 --ntasks-per-node=1 \\",
             f"  olmo-inject train {q(t.config)} --data {q(self.data)} --run {q(run)} \\",
-            f"    --nproc {max(t.gpus_per_node, 1)} --nnodes {t.nodes} --rendezvous \"$MASTER_ADDR:$MASTER_PORT\"{overrides} &",
+            f"    --nproc {max(p.gpus_per_node, 1)} --nnodes {t.nodes} --rendezvous \"$MASTER_ADDR:$MASTER_PORT\"{overrides} &",
             "child=$!",
             "status=0",
             "wait \"$child\" || status=$?",

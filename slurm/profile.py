@@ -93,7 +93,7 @@ class ClusterProfile:
                 problems.append(f"{prefix}time_limit: expected D-HH:MM:SS or HH:MM:SS, got {obj.time_limit!r}")
             if not MEMORY.match(str(obj.mem)):
                 problems.append(f"{prefix}mem: expected SLURM memory like 32G or 0, got {obj.mem!r}")
-        if self.signal_seconds >= 0.5 * seconds(self.time_limit) if TIME.match(str(self.time_limit)) else False:
+        if not problems and self.signal_seconds >= seconds(self.time_limit) / 2:
             problems.append(f"signal_seconds: {self.signal_seconds} s is half the time limit {self.time_limit} or more")
         for name in ("setup", "extra_sbatch"):
             if not isinstance(getattr(self, name), list) or not all(isinstance(x, str) for x in getattr(self, name)):

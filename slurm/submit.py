@@ -9,7 +9,7 @@ dependencies on the jobs that are still pending or running.
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import time
 from dataclasses import asdict
@@ -46,7 +46,7 @@ def training_for(config: Path, overrides: list[str], profile: ClusterProfile, no
         if not 1 <= nodes <= profile.max_nodes:
             raise ConfigError(f"--nodes: {nodes} for {config.stem} is outside 1..{profile.max_nodes} (profile max_nodes)")
         chosen, estimate = nodes, f"{nodes} node(s), set with --nodes ({estimate})"
-    return Training(config.stem, config, overrides, steps, chosen, profile.gpus_per_node, estimate)
+    return Training(config.stem, config, overrides, steps, chosen, estimate)
 
 
 def _non_embedding_params(model_config) -> int:
@@ -157,13 +157,13 @@ def write_scripts(sub: Submission) -> dict[str, Path]:
 def submit(sub: Submission, log=print) -> dict[str, str]:
     """Submit what is neither done nor queued/running; returns key -> what happened."""
     sub.folder.mkdir(parents=True, exist_ok=True)
-    settings_path = sub.folder / SETTINGS
+    settings_path, settings = sub.folder / SETTINGS, settings_of(sub)
     old = _read_json(settings_path, None)
-    if old is not None and old != settings_of(sub):
-        changed = next(k for k in settings_of(sub) if old.get(k) != settings_of(sub)[k])
+    if old is not None and old != settings:
+        changed = next(k for k in settings if old.get(k) != settings[k])
         raise ConfigError(f"{sub.runs}: was submitted with other settings ({changed} differs, see {settings_path}); "
                           f"use a new runs folder, or `olmo-inject slurm cancel` and delete {sub.folder}")
-    _write_json(settings_path, settings_of(sub))
+    _write_json(settings_path, settings)
     paths = write_scripts(sub)
     state_path = sub.folder / STATE
     state = _read_json(state_path, {"jobs": {}})
@@ -237,8 +237,6 @@ def cancel(runs: Path) -> list[str]:
 
 def environment_note() -> str | None:
     """Jobs inherit the submitting shell's environment: warn when olmo-inject is not on its PATH."""
-    import shutil
-
-    if shutil.which("olmo-inject", path=os.environ.get("PATH")) is None:
+    if shutil.which("olmo-inject") is None:
         return "olmo-inject is not on PATH: jobs will not find it unless the profile's `setup` lines activate its environment"
     return None
