@@ -172,6 +172,8 @@ def test_verify_names_the_batch_of_a_dropped_or_moved_example(tmp_path, corpus_d
     code, out = verify(tmp_path / "dropped", capsys)
     assert code == 1
     assert f"step {dropped['step']} (batch {dropped['step'] - 1}): cmp2-text: found 2 examples in the batch, the plan says 3" in out
+    assert (f"step {dropped['step']}: instance {dropped['instance']} offset {dropped['offset']}: "
+            "tokens are not the example the ledger names") in out
     # Move: swap an instance holding an example with one from another batch that holds none.
     from inject.injection import olmo_order
 
