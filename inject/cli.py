@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-config", type=Path, help="an OLMo TrainConfig YAML: check batch size, sequence length, seed, tokenizer, EOS, dtype")
     p.add_argument("--sample", type=int, help="check K random batches instead of every batch (the held-out and Dolma checks stay complete)")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the batches and the held-out scan; the "
+                   "report is the same for any number (default: 1)")
 
     p = _sub(sub, "eval", "score a run's checkpoints on the build's seen and held-out instances (skips finished steps)",
              "olmo-inject eval runs/tiny --data olmo-inject-demo/build --seen 200 --held-out 200")
@@ -322,7 +324,7 @@ def cmd_train(args) -> int:
 def cmd_verify(args) -> int:
     from .verify import run_verify
 
-    report = run_verify(args.build_dir, args.train_config, args.sample, args.seed)
+    report = run_verify(args.build_dir, args.train_config, args.sample, args.seed, args.workers)
     print(report.summary())
     return 0 if report.ok else 1
 

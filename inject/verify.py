@@ -38,20 +38,37 @@ MAX_LISTED = 20
 
 @dataclass
 class Report:
-    failures: list[str] = field(default_factory=list)
     checked: dict = field(default_factory=dict)
-    _counts: dict = field(default_factory=lambda: defaultdict(int))
+    listed: list[tuple[str, str]] = field(default_factory=list)
+    """(kind, message) of the first MAX_LISTED failures of each kind, in the order found."""
+    counts: dict = field(default_factory=lambda: defaultdict(int))
+    """Failures of each kind, listed or not."""
 
     def fail(self, kind: str, message: str) -> None:
-        self._counts[kind] += 1
-        if self._counts[kind] <= MAX_LISTED:
-            self.failures.append(f"[{kind}] {message}")
-        elif self._counts[kind] == MAX_LISTED + 1:
-            self.failures.append(f"[{kind}] ... more failures of this kind not listed")
+        if self.counts[kind] < MAX_LISTED:
+            self.listed.append((kind, message))
+        self.counts[kind] += 1
+
+    def absorb(self, later: "Report") -> None:
+        """Add the failures of a report on later steps or files (a worker's), as if found here in order."""
+        for kind, message in later.listed:
+            self.fail(kind, message)
+        for kind, n in later.counts.items():
+            self.counts[kind] += n - min(n, MAX_LISTED)
 
     @property
     def ok(self) -> bool:
-        return not self._counts
+        return not self.counts
+
+    @property
+    def failures(self) -> list[str]:
+        lines = []
+        for kind, message in self.listed:
+            lines.append(f"[{kind}] {message}")
+        for kind, n in self.counts.items():
+            if n > MAX_LISTED:
+                lines.append(f"[{kind}] ... {n - MAX_LISTED} more failures of this kind not listed")
+        return lines
 
     def summary(self) -> str:
         lines = [f"{k}: {v}" for k, v in self.checked.items()]
@@ -59,7 +76,7 @@ class Report:
             lines.append("verify: OK")
         else:
             lines += self.failures
-            lines.append("verify: FAILED (" + ", ".join(f"{k}: {v}" for k, v in self._counts.items()) + ")")
+            lines.append("verify: FAILED (" + ", ".join(f"{k}: {v}" for k, v in self.counts.items()) + ")")
         return "\n".join(lines)
 
 
@@ -184,31 +201,66 @@ def check_train_config(manifest: dict, path: Path, report: Report) -> None:
     report.checked["train config"] = str(path)
 
 
-def check_batches(view: BuildView, ledger: np.ndarray, report: Report, sample: int | None, seed: int) -> None:
+def check_batches(view: BuildView, ledger: np.ndarray, report: Report, sample: int | None, seed: int,
+                  workers: int = 1) -> None:
+    t = view.manifest["injection"]["training"]
+    steps = t["steps"]
+    chosen = list(range(1, steps + 1)) if sample is None else sorted(
+        np.random.default_rng(seed).choice(np.arange(1, steps + 1), size=min(sample, steps), replace=False).tolist())
+    parts = [part.tolist() for part in np.array_split(np.array(chosen, dtype=np.int64), max(1, workers)) if len(part)]
+    if len(parts) == 1:
+        report.absorb(_check_steps(view, ledger, parts[0]))
+    else:  # contiguous ranges of steps, one per process, merged in step order: the same report as one process
+        for part in _in_processes(_check_steps_of_build, [(str(view.path), p) for p in parts]):
+            report.absorb(part)
+    report.checked["batches checked"] = f"{len(chosen)} of {steps} (ai2-olmo build_train_dataloader)"
+
+
+def _in_processes(function, jobs: list) -> list:
+    """function(job) for each job, one spawned process each, results in job order."""
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(len(jobs))
+    try:
+        results = pool.map(function, jobs)
+    except BaseException:
+        pool.terminate()
+        raise
+    pool.close()  # the workers exit by themselves and release what they hold (no leaked semaphores)
+    pool.join()
+    return results
+
+
+def _check_steps_of_build(args: tuple[str, list[int]]) -> Report:
+    build_dir, steps = args
+    view = BuildView.load(Path(build_dir))
+    view.manifest["_dir"] = Path(build_dir).resolve()
+    return _check_steps(view, read_ledger(build_dir), steps)
+
+
+def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int]) -> Report:
+    """Replay ai2-olmo's loader over the given steps (ascending); consecutive steps are read in one pass."""
     from olmo.data import build_train_dataloader
 
-    manifest = view.manifest
+    manifest, report = view.manifest, Report()
     t = manifest["injection"]["training"]
     steps, B = t["steps"], t["global_batch_size"]
     use_filter = manifest["injection"]["totals"]["instance_filter"] != "off"
     rows_of_step = np.searchsorted(ledger["step"], np.arange(1, steps + 2))
-    chosen = range(1, steps + 1) if sample is None else sorted(
-        np.random.default_rng(seed).choice(np.arange(1, steps + 1), size=min(sample, steps), replace=False).tolist())
-    groups = len(view.group_names)
-    planned = np.zeros((steps, groups), dtype=np.int64)
+    planned = np.zeros((steps, len(view.group_names)), dtype=np.int64)
     for spec, group in enumerate(view.group_of_spec):
         planned[:, group] += view.counts[:, spec]
     with tempfile.TemporaryDirectory() as save_folder:
         loader = build_train_dataloader(train_config_for(manifest, save_folder, use_filter), world_size=1, rank=0, fs_local_rank=0)
-        iterator = iter(loader) if sample is None else None
+        iterator, previous = None, None
         for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
-            if sample is not None:
+            if previous is None or step != previous + 1:  # not the next batch: start the loader at this one
                 loader.dataset.start_index = (step - 1) * B
-                batch = next(iter(loader))
-            else:
-                batch = next(iterator)
+                iterator = iter(loader)
+            batch = next(iterator)
+            previous = step
             _check_batch(view, ledger[rows_of_step[step - 1] : rows_of_step[step]], batch, step, planned[step - 1], report, use_filter)
-    report.checked["batches checked"] = f"{len(chosen)} of {steps} (ai2-olmo build_train_dataloader)"
+    return report
 
 
 def _check_batch(view, rows, batch, step, planned, report, use_filter) -> None:
@@ -273,33 +325,56 @@ def _open_outputs(view: BuildView) -> list[np.ndarray]:
     return [np.memmap(view.path / f["path"], dtype=view.manifest["dtype"], mode="r") for f in view.manifest["outputs"]]
 
 
-def check_held_out(view: BuildView, ledger: np.ndarray, report: Report) -> None:
+def check_held_out(view: BuildView, ledger: np.ndarray, report: Report, workers: int = 1) -> None:
     """Parse every EOS-delimited segment of plausible length in every file; none may be held out."""
     longest = int(ledger["length"].max()) + 8 if len(ledger) else 64
+    chunks = [(f, start) for f in range(len(view.manifest["outputs"]))
+              for start in range(0, view.manifest["outputs"][f]["tokens"], HELD_OUT_CHUNK)]
+    jobs = [(str(view.path), part.tolist(), longest) for part in np.array_split(np.array(chunks, dtype=np.int64).reshape(-1, 2),
+                                                                                max(1, workers)) if len(part)]
+    if len(jobs) == 1:
+        results = [_held_out_in(jobs[0], view)]
+    else:
+        results = _in_processes(_held_out_in, jobs)
     parsed = held = 0
-    for f, tokens in zip(view.manifest["outputs"], _open_outputs(view)):
-        for start in range(0, len(tokens), 1 << 24):
-            chunk = np.asarray(tokens[max(start - longest, 0) : start + (1 << 24)])
-            base = max(start - longest, 0)
-            ends = np.flatnonzero(chunk == view.eos)
-            starts = np.concatenate([[-1], ends[:-1]]) + 1
-            lengths = ends - starts
-            keep = (lengths >= 2) & (lengths <= longest) & (base + ends >= start)
-            for s, e in zip(starts[keep], ends[keep]):
-                if s == 0 and base > 0 and tokens[base - 1] != view.eos:
-                    continue  # the middle of a segment that began before this chunk
-                found = view.parse(chunk[s:e])
-                if found is None:
-                    continue
-                parsed += 1
-                spec, item = found[0], found[1]
-                for other in range(len(view.encoders)):
-                    if view.group_of_spec[other] == view.group_of_spec[spec] and item in view.held_out[other]:
-                        held += 1
-                        report.fail("held-out", f"{f['path']}: held-out {view.manifest['injection']['tasks'][other]['name']} "
-                                                f"item {item} at token {base + s}")
-                        break
+    for part, n_parsed, n_held in results:
+        report.absorb(part)
+        parsed, held = parsed + n_parsed, held + n_held
     report.checked["task examples found in the token files"] = f"{parsed:,} (ledger: {len(ledger):,}); held-out among them: {held}"
+
+
+HELD_OUT_CHUNK = 1 << 24
+
+
+def _held_out_in(job: tuple, view: BuildView | None = None) -> tuple[Report, int, int]:
+    """The held-out check over some (file, chunk start) pieces: (failures, segments parsed, held-out found)."""
+    build_dir, pieces, longest = job
+    view = view or BuildView.load(Path(build_dir))
+    report, parsed, held = Report(), 0, 0
+    outputs = _open_outputs(view)
+    for f, start in pieces:
+        tokens, name = outputs[f], view.manifest["outputs"][f]["path"]
+        chunk = np.asarray(tokens[max(start - longest, 0) : start + HELD_OUT_CHUNK])
+        base = max(start - longest, 0)
+        ends = np.flatnonzero(chunk == view.eos)
+        starts = np.concatenate([[-1], ends[:-1]]) + 1
+        lengths = ends - starts
+        keep = (lengths >= 2) & (lengths <= longest) & (base + ends >= start)
+        for s, e in zip(starts[keep], ends[keep]):
+            if s == 0 and base > 0 and tokens[base - 1] != view.eos:
+                continue  # the middle of a segment that began before this chunk
+            found = view.parse(chunk[s:e])
+            if found is None:
+                continue
+            parsed += 1
+            spec, item = found[0], found[1]
+            for other in range(len(view.encoders)):
+                if view.group_of_spec[other] == view.group_of_spec[spec] and item in view.held_out[other]:
+                    held += 1
+                    report.fail("held-out", f"{name}: held-out {view.manifest['injection']['tasks'][other]['name']} "
+                                            f"item {item} at token {base + s}")
+                    break
+    return report, parsed, held
 
 
 def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
@@ -333,7 +408,9 @@ def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
     report.checked["dolma tokens intact"] = f"{kept:,} kept, {inj['totals']['overwritten_dolma_tokens']:,} overwritten by design"
 
 
-def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | None = None, seed: int = 0) -> Report:
+def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | None = None, seed: int = 0,
+               workers: int = 1) -> Report:
+    """Every check; `workers` processes share the batch replay and the held-out scan (same report)."""
     view = BuildView.load(build_dir)
     view.manifest["_dir"] = Path(build_dir).resolve()
     ledger = read_ledger(build_dir)
@@ -342,7 +419,7 @@ def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | 
     if train_config is not None:
         check_train_config(view.manifest, train_config, report)
     check_ledger_against_plan(view, ledger, report)
-    check_batches(view, ledger, report, sample, seed)
-    check_held_out(view, ledger, report)
+    check_batches(view, ledger, report, sample, seed, workers)
+    check_held_out(view, ledger, report, workers)
     check_dolma(view, ledger, report)
     return report

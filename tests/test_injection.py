@@ -190,6 +190,9 @@ def test_verify_names_the_batch_of_a_dropped_or_moved_example(tmp_path, corpus_d
     assert code == 1
     assert f"step {moved['step']} (batch {moved['step'] - 1})" in out
     assert f"step {target_step} (batch {target_step - 1})" in out
+    # Two processes share the batches and the held-out scan and report exactly what one process does.
+    assert run_cli("verify", tmp_path / "moved", "--workers", "2") == 1
+    assert capsys.readouterr().out == out
 
 
 def test_verify_finds_a_held_out_instance_and_changed_dolma(tmp_path, corpus_dir, capsys):
