@@ -118,7 +118,7 @@ class Submission:
         lines = self._header("build-finish", f"finish the build of {self.build_config} into {self.data} "
                              f"(reuses the array's tokenized inputs; injects, writes, checks)", _resources(b), own=b)
         lines += [f"olmo-inject build {q(self.build_config)} --out {q(self.data)} --workers {b.cpus}",
-                  f"olmo-inject verify {q(self.data)} --sample 64", ""]
+                  f"olmo-inject verify {q(self.data)} --workers {b.cpus}", ""]
         return Job("build-finish", "\n".join(lines), ["build-tokenize"], "build")
 
     def _train_job(self, t: Training, after: list[str]) -> Job:
