@@ -36,21 +36,43 @@ def results_folder(path: Path) -> Path:
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
-    """Every result row of every folder; `model` names the series in plots, so two runs of one model
-    config (say two seeds of `tiny`) become `tiny (run-a)` and `tiny (run-b)`."""
-    rows, runs_of = [], defaultdict(set)
+    """Every result row of every folder."""
+    rows = []
     for path in paths:
         folder = results_folder(path)
         for row in read_results(folder):
             row.setdefault("run", folder.parent.name)
             row.setdefault("model", row["run"])
             row.setdefault("format", "training")
-            runs_of[row["model"]].add(row["run"])
             rows.append(row)
+    return tell_runs_apart(rows)
+
+
+def tell_runs_apart(rows: list[dict]) -> list[dict]:
+    """`model` names the series in plots, so two runs of one model config (say two seeds of `tiny`)
+    become `tiny (run-a)` and `tiny (run-b)`."""
+    runs_of = defaultdict(set)
+    for row in rows:
+        runs_of[row["model"]].add(row["run"])
     for row in rows:
         if len(runs_of[row["model"]]) > 1:
             row["model"] = f"{row['model']} ({row['run']})"
     return rows
+
+
+def mechanism_plots(paths: list[Path], out: Path) -> list[Path]:
+    """The probe and interference plots over every run that has those results (RUN/probe, RUN/interference)."""
+    from .analysis import read_jsonl_folder
+    from .interference import plot_interference
+    from .probe import plot_probes
+
+    written = []
+    for name, plot in (("probe", plot_probes), ("interference", plot_interference)):
+        folders = [results_folder(p).parent / name for p in paths]
+        rows = [r for folder in folders if folder.is_dir() for r in read_jsonl_folder(folder)]
+        if rows:
+            written += plot(tell_runs_apart(rows), out)
+    return written
 
 
 def make_report(paths: list[Path], out: Path) -> list[Path]:
@@ -68,7 +90,9 @@ def make_report(paths: list[Path], out: Path) -> list[Path]:
     written.append(plot_memorization(main, out / PLOTS[1]))
     written.append(plot_retention(rows, out / PLOTS[2]))
     written.append(plot_heatmap(main, out / PLOTS[3]))
-    written.extend(write_summary_page(table, out))
+    mechanism = mechanism_plots(paths, out)
+    written.extend(mechanism)
+    written.extend(write_summary_page(table, out, [p.name for p in mechanism]))
     return written
 
 
@@ -253,8 +277,8 @@ def plot_heatmap(table: list[dict], target: Path) -> Path:
     return _save(fig, target)
 
 
-def write_summary_page(table: list[dict], out: Path) -> list[Path]:
-    """summary.md and summary.html: the final accuracies and the four plots on one page."""
+def write_summary_page(table: list[dict], out: Path, mechanism: list[str] = ()) -> list[Path]:
+    """summary.md and summary.html: the final accuracies, the four plots and any mechanism plots on one page."""
     final = [r for r in final_rows(table) if r["exposures"] == "all"]
     header = ["model", "step", "task", "rate", "split", "format", "n", "accuracy", "95% CI", "greedy exact"]
     body = [[r["model"], r["step"], r["task"], f"{r['rate']:.3g}" if r["rate"] is not None else "", r["split"], r["format"],
@@ -268,13 +292,18 @@ def write_summary_page(table: list[dict], out: Path) -> list[Path]:
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
     md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in PLOTS]
+    if mechanism:
+        md += ["", "## Mechanism analyses (`olmo-inject analyze`)", ""] + [f"![{p}]({p})" for p in mechanism]
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>olmo-inject report</title>",
             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}</style></head><body>",
             "<h1>olmo-inject report</h1>", f"<p>{html.escape(intro)}</p>", "<h2>Final checkpoint of each model</h2>",
             "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     page += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body]
-    page += ["</table><h2>Plots</h2>"] + [f"<p><img src='{p}' alt='{p}'></p>" for p in PLOTS] + ["</body></html>"]
+    page += ["</table><h2>Plots</h2>"] + [f"<p><img src='{p}' alt='{p}'></p>" for p in PLOTS]
+    if mechanism:
+        page += ["<h2>Mechanism analyses (olmo-inject analyze)</h2>"] + [f"<p><img src='{p}' alt='{p}'></p>" for p in mechanism]
+    page += ["</body></html>"]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     (out / "summary.html").write_text("\n".join(page) + "\n")
     return [out / "summary.md", out / "summary.html"]

@@ -247,8 +247,11 @@ def test_report_writes_readable_plots_and_a_summary(build, memorized_run, tmp_pa
     save_checkpoint(untrained / "step0-unsharded", seed=3)
     save_checkpoint(untrained / "step50-unsharded", seed=4)
     assert run_cli("eval", untrained, "--data", build, "--seen", 15, "--held-out", 15) == 0
+    for run in (memorized_run, untrained):  # the report also draws the mechanism analyses it finds
+        assert run_cli("analyze", "probe", run, "--data", build, "--seen", 40, "--held-out", 20) == 0
     assert run_cli("report", memorized_run, untrained, "--out", tmp_path / "report") == 0
-    for name in ("accuracy_vs_tokens.png", "memorization_vs_generalization.png", "retention.png", "heatmap.png"):
+    for name in ("accuracy_vs_tokens.png", "memorization_vs_generalization.png", "retention.png", "heatmap.png",
+                 "probe_vs_step.png", "probe_by_layer.png"):
         image = matplotlib.image.imread(tmp_path / "report" / name)
         assert image.shape[0] >= 300 and image.shape[1] >= 400, name
         assert image[..., :3].std() > 0.05, f"{name} is blank"
@@ -260,7 +263,7 @@ def test_report_writes_readable_plots_and_a_summary(build, memorized_run, tmp_pa
     final = [r for r in table if r["step"] == "100" and r["split"] == "seen" and r["exposures"] == "all"]
     assert final and all(float(r["accuracy"]) == 1.0 for r in final)
     page = (tmp_path / "report" / "summary.html").read_text()
-    assert page.count("<img") == 4 and "tiny (small-run)" in page
+    assert page.count("<img") == 6 and "tiny (small-run)" in page and "Mechanism analyses" in page
     assert "| tiny (run) | 100 |" in (tmp_path / "report" / "summary.md").read_text()
 
 
