@@ -269,3 +269,26 @@ def test_a_preempted_training_job_saves_requeues_and_resumes_from_its_checkpoint
     assert (run / "step40-unsharded" / "model.pt").exists()
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["max_duration"] == 40
+
+
+def test_cancel_stops_a_runs_jobs_and_a_resubmission_resumes_them(cluster, project, capsys):
+    data = project / "build"
+    if not (data / "manifest.json").exists():
+        assert run_cli("build", project / "build.yaml", "--out", data) == 0
+    runs = project / "cancelled"
+    submit = ["slurm", "submit", "--profile", "local-cpu", "--config", TINY, "--set", "max_duration=40",
+              "--data", data, "--runs", runs, "--eval-seen", "10", "--eval-held-out", "10"]
+    assert run_cli(*submit) == 0
+    jobs = json.loads((runs / "slurm" / "state.json").read_text())["jobs"]
+    wait_for(lambda: job_state(jobs["train-tiny"]["id"])[0] == "RUNNING", "the training job to start")
+    capsys.readouterr()
+    assert run_cli("slurm", "cancel", "--runs", runs) == 0
+    assert "cancelled 2 job(s)" in capsys.readouterr().out  # training and its pending evaluation
+    wait_finished(runs)
+    assert {job_state(j["id"])[0] for j in jobs.values()} == {"CANCELLED"}
+    # Not done, not queued: submitting again submits both, the evaluation after the new training job.
+    assert run_cli(*submit) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train-tiny +submitted as \d+\n", out) and re.search(r"eval-tiny +submitted as \d+ \(after \d+\)", out)
+    assert run_cli("slurm", "cancel", "--runs", runs) == 0
+    wait_finished(runs)
