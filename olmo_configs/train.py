@@ -104,7 +104,7 @@ def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezv
         # ai2-olmo 0.6.0 restores trainer state (RNG states, numpy objects) with a plain torch.load, which
         # torch >= 2.6 refuses by default (weights_only=True). The checkpoints are our own.
         "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
-        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)),
+        "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // nproc)),  # the cores this job may use
         # glibc returns large freed blocks to the OS by default; the logits (tokens x 50k) are reallocated
         # every micro-batch, and the page faults tripled step time on CPU. Keep them.
         "MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),

@@ -171,6 +171,10 @@ def job_state(job_id: str) -> tuple[str, int]:
     return re.search(r"JobState=(\S+)", text).group(1), int(re.search(r"Restarts=(\d+)", text).group(1))
 
 
+def node_idle() -> bool:
+    return subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.split() == ["idle"]
+
+
 def wait_for(condition, what: str, timeout: float = 900) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -253,9 +257,11 @@ def test_a_preempted_training_job_saves_requeues_and_resumes_from_its_checkpoint
 
     # What SLURM does before a time limit or a preemption: USR2 to the batch shell.
     subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], check=True)
-    wait_for(lambda: job_state(job_id)[1] == 1, "the job to requeue itself", timeout=300)
-    # A requeued job becomes eligible after a delay (about two minutes); release it now.
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    wait_for(lambda: job_state(job_id) == ("PENDING", 1) and node_idle(), "the job to requeue itself", timeout=300)
+    # A requeued job becomes eligible after a delay (about two minutes, for the first run's credential to be
+    # revoked); release it a few seconds after the requeue instead (slurmd refuses a launch in the same
+    # second as the revocation: "Job credential revoked").
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], check=True)
     wait_finished(runs)
     log = logs(runs, "train-tiny")
     assert job_state(job_id) == ("COMPLETED", 1), log[-3000:]
