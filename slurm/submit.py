@@ -113,10 +113,11 @@ def _write_json(path: Path, value) -> None:
 
 
 def settings_of(sub: Submission) -> dict:
-    return {"data": str(sub.data), "profile": asdict(sub.profile), "build_config": str(sub.build_config or ""),
-            "eval_args": sub.eval_args, "analyses": sub.analyses, "workdir": str(sub.workdir),
-            "trainings": [{"name": t.name, "config": str(t.config), "overrides": t.overrides, "nodes": t.nodes}
-                          for t in sub.trainings]}
+    """What the runs folder's results depend on. The profile and node counts may change between
+    submissions (another partition, a longer time limit): the runs resume from their checkpoints."""
+    return {"data": str(sub.data), "build_config": str(sub.build_config or ""), "eval_args": sub.eval_args,
+            "analyses": sub.analyses, "trainings": [{"name": t.name, "config": str(t.config), "overrides": t.overrides}
+                                                    for t in sub.trainings]}
 
 
 def is_done(job: Job, sub: Submission) -> bool:

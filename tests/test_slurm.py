@@ -298,3 +298,7 @@ def test_cancel_stops_a_runs_jobs_and_a_resubmission_resumes_them(cluster, proje
     assert re.search(r"train-tiny +submitted as \d+\n", out) and re.search(r"eval-tiny +submitted as \d+ \(after \d+\)", out)
     assert run_cli("slurm", "cancel", "--runs", runs) == 0
     wait_finished(runs)
+    # Other runs in the same folder are refused, naming what differs.
+    capsys.readouterr()
+    assert run_cli(*[a if a != "max_duration=40" else "max_duration=50" for a in submit]) == 2
+    assert "was submitted with other settings (trainings differs" in capsys.readouterr().err
