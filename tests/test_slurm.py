@@ -166,6 +166,14 @@ def project(tmp_path_factory) -> Path:
     return work
 
 
+def built(project: Path) -> Path:
+    """The project's build: made by the array-build test, or here when that test did not run."""
+    data = project / "build"
+    if not (data / "manifest.json").exists():
+        assert run_cli("build", project / "build.yaml", "--out", data) == 0
+    return data
+
+
 def job_state(job_id: str) -> tuple[str, int]:
     text = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     return re.search(r"JobState=(\S+)", text).group(1), int(re.search(r"Restarts=(\d+)", text).group(1))
@@ -240,9 +248,7 @@ def test_array_build_then_training_then_eval_and_a_resubmission_submits_nothing(
 
 
 def test_a_preempted_training_job_saves_requeues_and_resumes_from_its_checkpoint(cluster, project, capsys):
-    data = project / "build"
-    if not (data / "manifest.json").exists():
-        assert run_cli("build", project / "build.yaml", "--out", data) == 0
+    data = built(project)
     runs = project / "preempted"
     submit = ["slurm", "submit", "--profile", "local-cpu", "--config", TINY, "--set", "max_duration=40",
               "--data", data, "--runs", runs, "--no-eval"]
@@ -278,9 +284,7 @@ def test_a_preempted_training_job_saves_requeues_and_resumes_from_its_checkpoint
 
 
 def test_cancel_stops_a_runs_jobs_and_a_resubmission_resumes_them(cluster, project, capsys):
-    data = project / "build"
-    if not (data / "manifest.json").exists():
-        assert run_cli("build", project / "build.yaml", "--out", data) == 0
+    data = built(project)
     runs = project / "cancelled"
     submit = ["slurm", "submit", "--profile", "local-cpu", "--config", TINY, "--set", "max_duration=40",
               "--data", data, "--runs", runs, "--eval-seen", "10", "--eval-held-out", "10"]
