@@ -11,7 +11,6 @@ mixing two eval sets in one table.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from inject.build import load_manifest
 
-from .analysis import default_out, run_over_checkpoints
+from .analysis import default_out, read_jsonl_folder, run_over_checkpoints
 from .checkpoints import STEP, find_checkpoints, load_checkpoint, load_model  # noqa: F401 (re-exported)
 from .score import score_items, wilson_interval
 from .sets import build_eval_set, task_info
@@ -78,10 +77,8 @@ def evaluate(path: Path, build_dir: Path, out_dir: Path | None = None, seen: int
 
 
 def read_results(out_dir: Path) -> list[dict]:
-    rows = []
-    for path in sorted(Path(out_dir).glob("step*.jsonl")):
-        rows.extend(json.loads(line) for line in path.read_text().splitlines())
-    return rows
+    """Every row of a results folder, checkpoints in step order."""
+    return read_jsonl_folder(out_dir)
 
 
 SUMMARY_COLUMNS = ["model", "params", "step", "tokens", "task", "kind", "complexity", "rate", "split", "format",
