@@ -39,20 +39,44 @@ class TrainingConfig:
 
 @dataclass
 class PoolConfig:
-    """How a task's instance space splits into a seen pool and a held-out pool."""
+    """How a task's instance space splits into a seen pool and a held-out pool.
+
+    The split is made over classes: with `split: symmetric` a class is a task's symmetry class (comparison: the
+    unordered pair {a, b}; modular addition: the multiset of operands), so that no member of a held-out class is
+    ever injected; with `split: ordered` every instance is its own class. Classes are taken in a keyed shuffled
+    order, held-out ones first, whole: each pool takes classes until it holds at least its requested number of
+    instances, so it exceeds the request by less than one class (at most 1 instance for comparison; exact with
+    `split: ordered`). The manifest records the sizes reached.
+
+    Every task on one instance space (same task and params, whatever the encoding) shares one split, so
+    `held_out`, `seen`, `seed` and `split` must be equal across them. The seen pool is dealt among them by
+    class (rank t of the seen classes to part t mod parts): each task draws from its own part, disjoint from the
+    others', unless tasks name the same `share` group."""
 
     held_out: int | float = 0.1
-    """Held-out instances: a fraction of the space (0 < x < 1) or, when >= 1, a count. Never injected."""
+    """Held-out instances: a fraction of the space (0 < x < 1, rounded to the nearest instance) or, when an integer
+    >= 1, a count; rounded up to whole classes. Never injected, in any form. At most 2**24 instances (written
+    whole to pools.npz): give a count for large spaces."""
 
     seen: int | float | None = None
-    """Seen pool: a fraction (0 < x < 1) or a count; default: every instance not held out."""
+    """Seen pool of the space (shared by its tasks), a fraction or a count as for held_out, rounded up to whole
+    classes; default: every class not held out."""
 
     draw: str = "cycle"
-    """How injected examples pick seen instances: `cycle` (through the pool in a shuffled order),
-    `uniform` (with replacement) or `no-repeat` (each at most once; refused if the pool is too small)."""
+    """How injected examples pick instances of the task's part of the seen pool: `cycle` (through the part's
+    first n instances, in an order shuffled once, repeated), `uniform` (with replacement) or `no-repeat` (each
+    at most once; refused if the part is too small)."""
 
     seed: int = 0
-    """Seed of the split. Tasks with the same task and params must share the split (and so this config)."""
+    """Seed of the split (the class order)."""
+
+    split: str = "symmetric"
+    """`symmetric` (whole symmetry classes on one side: no twin of a held-out instance is injected) or
+    `ordered` (single instances: a held-out (a, b) may have its twin (b, a) injected; to study that on purpose)."""
+
+    share: str | None = None
+    """A share group: tasks on one space with the same `share` name draw from one common part of the seen pool
+    (and so may inject the same instances); default: the task draws from a part of its own."""
 
 
 @dataclass
@@ -237,6 +261,11 @@ def _validate_task(task: TaskConfig, where: str, training: TrainingConfig) -> No
     _one_of(f"{where}.encoding", task.encoding, ["text", "tokens"])
     _one_of(f"{where}.number_tokens", task.number_tokens, ["text", "offset"])
     _one_of(f"{where}.pool.draw", task.pool.draw, ["cycle", "uniform", "no-repeat"])
+    _one_of(f"{where}.pool.split", task.pool.split, ["symmetric", "ordered"])
+    if task.pool.share is not None and (not isinstance(task.pool.share, str) or not task.pool.share):
+        raise ConfigError(f"{where}.pool.share: expected a group name (a non-empty string), got {task.pool.share!r}")
+    if isinstance(task.pool.seed, bool) or not isinstance(task.pool.seed, int) or task.pool.seed < 0:
+        raise ConfigError(f"{where}.pool.seed: expected a whole number >= 0, got {task.pool.seed!r}")
     for key in ("held_out", "seen"):
         value = getattr(task.pool, key)
         if value is None:

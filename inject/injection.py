@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -24,7 +24,7 @@ import numpy as np
 from . import tokenizer as tok
 from .config import BuildConfig, PoolConfig, ScheduleConfig, TaskConfig
 from .errors import ConfigError, InjectError
-from .tasks import Task, check_template, make_task, parse_text, render_text, template_regex, templates_for
+from .tasks import EachInstanceItsOwnClass, Singletons, Task, check_template, make_task, parse_text, render_text, template_regex, templates_for
 
 MAX_NUMBER_TOKENS = 1 << 20
 
@@ -114,32 +114,253 @@ class Encoder:
 
 
 # ---------------------------------------------------------------------------- pools
+#
+# The split is made over classes (`split: symmetric`: the task's symmetry classes, so that no twin of a held-out
+# instance is ever injected; `split: ordered`: single instances). A space's classes are put in a keyed
+# pseudorandom order without materializing them (`Shuffle`); held-out classes come first, then the seen pool,
+# dealt round robin to the space's parts (one per task, or one per `share` group).
+
+SPLITS = ["symmetric", "ordered"]
+
+MAX_RECORDED_POOL = 1 << 24
+"""Largest held-out pool, in instances: it is written whole to pools.npz and read whole by verify and eval.
+A seen pool above it is not written (its size and definition are in the manifest)."""
+
+MAX_COUNTED_CLASSES = 1 << 25
+"""Most classes sized one by one (only where a task cannot list its smaller-than-usual classes)."""
+
+CHUNK = 1 << 18
 
 
 def _stable_seed(*parts) -> int:
     return zlib.crc32(json.dumps(parts, sort_keys=True, default=str).encode())
 
 
-def _size(value, space: int, where: str) -> int:
+class Shuffle:
+    """A keyed pseudorandom bijection of [0, n): a Feistel network on the smallest even number of bits that
+    covers n, cycle-walking back into range (fewer than 4 passes on average). `rank` and `at` are inverses."""
+
+    ROUNDS = 6
+    M1, M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
+
+    def __init__(self, n: int, key: list[int]):
+        self.n = n
+        self.half = np.uint64(max(1, ((n - 1).bit_length() + 1) // 2))
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        self.keys = np.random.default_rng(key).integers(0, 1 << 62, self.ROUNDS, dtype=np.int64).astype(np.uint64)
+
+    def _f(self, x: np.ndarray, k: np.uint64) -> np.ndarray:
+        z = (x ^ k) * self.M1
+        z ^= z >> np.uint64(31)
+        z *= self.M2
+        z ^= z >> np.uint64(29)
+        return z & self.mask
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ self._f(right, k)
+        return (left << self.half) | right
+
+    def _backward(self, y: np.ndarray) -> np.ndarray:
+        left, right = y >> self.half, y & self.mask
+        for k in self.keys[::-1]:
+            left, right = right ^ self._f(left, k), left
+        return (left << self.half) | right
+
+    def _walk(self, values, step) -> np.ndarray:
+        x = step(np.asarray(values, dtype=np.int64).astype(np.uint64))
+        out = x >= np.uint64(self.n)
+        while out.any():
+            x[out] = step(x[out])
+            out[out] = x[out] >= np.uint64(self.n)
+        return x.astype(np.int64)
+
+    def rank(self, classes) -> np.ndarray:
+        """Position of each class in the shuffled order."""
+        return self._walk(classes, self._forward)
+
+    def at(self, ranks) -> np.ndarray:
+        """The class at each position of the shuffled order."""
+        return self._walk(ranks, self._backward)
+
+
+def _target(value, space: int, where: str) -> int:
     n = int(round(value * space)) if isinstance(value, float) else int(value)
     if n < 1:
         raise ConfigError(f"{where}: {value} of a space of {space:,} instances is less than one instance")
     return n
 
 
-def split_pool(task: Task, params: dict, pool: PoolConfig, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(seen, held_out) instance indices: disjoint by construction, a pure function of task, params, pool."""
-    space = task.space_size()
-    held = _size(pool.held_out, space, f"{where}.pool.held_out")
-    seen = _size(pool.seen, space, f"{where}.pool.seen") if pool.seen is not None else space - held
-    if held + seen > space or seen < 1:
-        raise ConfigError(f"{where}.pool: seen {seen:,} + held-out {held:,} exceed the {space:,} instances of {task.describe()}")
-    rng = np.random.default_rng([pool.seed, _stable_seed(task.kind, params)])
-    if space <= 1 << 25:
-        chosen = rng.permutation(space)[: held + seen]
+def task_space(task: Task) -> str:
+    """A short stable name of a task's instance space: tasks with equal names render the same instances."""
+    params = ", ".join(f"{f.name}={getattr(task, f.name)}" for f in fields(task)) if is_dataclass(task) else ""
+    return f"{task.kind}({params})"
+
+
+@dataclass
+class SpacePool:
+    """The seen/held-out split of one instance space, common to every task on it.
+
+    Classes in shuffled order: ranks [0, held_classes) are held out; ranks [held_classes, held_classes +
+    seen_classes) are the seen pool, rank held_classes + t going to part t mod len(parts)."""
+
+    space: str
+    split: str
+    classes: EachInstanceItsOwnClass   # the task (symmetric split) or Singletons(task) (ordered split)
+    shuffle: Shuffle
+    held_classes: int
+    seen_classes: int
+    held_size: int
+    parts: list[str]
+    part_sizes: list[int]
+    _held_items: np.ndarray | None = None
+
+    def part_ranks(self, part: int, t: np.ndarray) -> np.ndarray:
+        return self.held_classes + part + len(self.parts) * np.asarray(t, dtype=np.int64)
+
+    def part_classes(self, part: int) -> int:
+        return max(0, -(-(self.seen_classes - part) // len(self.parts)))
+
+    def held_out_items(self) -> np.ndarray:
+        """Every held-out instance id, ascending."""
+        if self._held_items is None:
+            parts = [self.classes.class_members(self.shuffle.at(np.arange(x, min(x + CHUNK, self.held_classes))))[1]
+                     for x in range(0, self.held_classes, CHUNK)]
+            self._held_items = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        return self._held_items
+
+    def part_items(self, part: int, n: int) -> np.ndarray:
+        """The first n instances of a part: its classes in rank order, each class's members in id order."""
+        out, got, t = [], 0, 0
+        n = min(n, self.part_sizes[part])
+        while got < n:
+            chunk = np.arange(t, min(t + CHUNK, self.part_classes(part)))
+            _, items = self.classes.class_members(self.shuffle.at(self.part_ranks(part, chunk)))
+            out.append(items[: n - got])
+            got += len(out[-1])
+            t += len(chunk)
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def uniform_items(self, part: int, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n instances of a part, uniformly with replacement: a class by rank, kept with probability size /
+        max_class_size (rejection), then one of its members."""
+        out, got, largest = [], 0, self.classes.max_class_size
+        while got < n:
+            want = min(n - got, 1 << 22)
+            classes = self.shuffle.at(self.part_ranks(part, rng.integers(0, self.part_classes(part), want)))
+            sizes = self.classes.class_sizes(classes)
+            keep = rng.random(want) * largest < sizes
+            classes, sizes = classes[keep], sizes[keep]
+            owners, items = self.classes.class_members(classes)
+            first = np.searchsorted(owners, np.arange(len(classes)))
+            out.append(items[first + (rng.random(len(classes)) * sizes).astype(np.int64)])
+            got += len(classes)
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def record(self, part: int, seen_recorded: bool) -> dict:
+        """What the manifest says about a task's pools."""
+        return {"space": self.space, "split": self.split, "symmetry": self.classes.symmetry, "held_out_classes": self.held_classes,
+                "seen_part": self.parts[part], "seen_parts": list(self.parts), "seen_recorded": seen_recorded}
+
+
+class _ClassSizes:
+    """Instances in ranges of shuffled ranks: exact, from the task's list of smaller-than-usual classes, or by
+    counting the classes one by one (at most MAX_COUNTED_CLASSES) where the task cannot list them."""
+
+    def __init__(self, classes, shuffle: Shuffle, where: str):
+        self.classes, self.shuffle, self.where = classes, shuffle, where
+        self.largest = classes.max_class_size
+        irregular = classes.irregular_classes()
+        self.listed = irregular is not None
+        if self.listed:
+            ranks = shuffle.rank(irregular[0])
+            order = np.argsort(ranks)
+            self.ranks = ranks[order]
+            self.deficit = np.concatenate([[0], np.cumsum(self.largest - irregular[1][order])])
+
+    def _prefix(self, x: int) -> int:
+        return self.largest * x - int(self.deficit[np.searchsorted(self.ranks, x)])
+
+    def _sizes(self, ranks: np.ndarray) -> np.ndarray:
+        return self.classes.class_sizes(self.shuffle.at(ranks))
+
+    def reach(self, start: int, target: int) -> tuple[int, int] | None:
+        """(classes, instances): the fewest classes from rank `start` on that hold at least `target`
+        instances, and how many they hold; None if the space runs out first."""
+        n = self.classes.class_count()
+        if self.listed:
+            if self._prefix(n) - self._prefix(start) < target:
+                return None
+            lo, hi = start, n  # the smallest x with prefix(x) - prefix(start) >= target
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (mid + 1, hi) if self._prefix(mid) - self._prefix(start) < target else (lo, mid)
+            return lo - start, self._prefix(lo) - self._prefix(start)
+        got, x = 0, start
+        while got < target and x < n:
+            self._count(x - start)
+            sizes = self._sizes(np.arange(x, min(x + CHUNK, n)))
+            total = np.cumsum(sizes)
+            if got + total[-1] >= target:
+                k = int(np.searchsorted(total, target - got))
+                return x + k + 1 - start, got + int(total[k])
+            got, x = got + int(total[-1]), x + len(sizes)
+        return None if got < target else (x - start, got)
+
+    def parts(self, start: int, count: int, parts: int) -> list[int]:
+        """Instances of each part: ranks start + t, t < count, dealt to part t mod parts."""
+        t_counts = [max(0, -(-(count - q) // parts)) for q in range(parts)]
+        if self.listed:
+            inside = self.ranks[(self.ranks >= start) & (self.ranks < start + count)]
+            deficit = np.zeros(parts, dtype=np.int64)
+            np.add.at(deficit, (inside - start) % parts, self.largest - self.classes.class_sizes(self.shuffle.at(inside)))
+            return [self.largest * t_counts[q] - int(deficit[q]) for q in range(parts)]
+        totals = np.zeros(parts, dtype=np.int64)
+        self._count(count)
+        for x in range(start, start + count, CHUNK):
+            ranks = np.arange(x, min(x + CHUNK, start + count))
+            totals += np.bincount((ranks - start) % parts, weights=self._sizes(ranks), minlength=parts).astype(np.int64)
+        return totals.tolist()
+
+    def _count(self, counted: int) -> None:
+        if counted > MAX_COUNTED_CLASSES:
+            raise ConfigError(f"{self.where}: sizing this pool would count more than {MAX_COUNTED_CLASSES:,} classes of "
+                              f"{self.classes.class_count():,} one by one; give `seen` as a smaller count, let the tasks share one part (`share`), or use split: ordered")
+
+
+def make_space_pool(task: Task, pool: PoolConfig, parts: list[str], where: str) -> SpacePool:
+    """The split of one space: a pure function of task, params and pool settings (and the parts' order)."""
+    space, name = task.space_size(), task_space(task)
+    held_target = _target(pool.held_out, space, f"{where}.pool.held_out")
+    if held_target > MAX_RECORDED_POOL:
+        raise ConfigError(f"{where}.pool.held_out: {pool.held_out} of {task.describe()} is {held_target:,} instances; a "
+                          f"held-out pool is recorded whole in pools.npz (at most {MAX_RECORDED_POOL:,} instances); "
+                          f"give a count, e.g. held_out: 10000")
+    seen_target = _target(pool.seen, space, f"{where}.pool.seen") if pool.seen is not None else None
+    if held_target + (seen_target or 1) > space:
+        raise ConfigError(f"{where}.pool: seen {seen_target or 1:,} + held-out {held_target:,} exceed the {space:,} "
+                          f"instances of {task.describe()}")
+    classes = task if pool.split == "symmetric" else Singletons(task)
+    shuffle = Shuffle(classes.class_count(), [pool.seed, _stable_seed(name, pool.split)])
+    sizes = _ClassSizes(classes, shuffle, f"{where}.pool")
+    held_classes, held_size = sizes.reach(0, held_target)
+    if seen_target is None:  # every class not held out
+        seen_classes, seen_size = classes.class_count() - held_classes, space - held_size
     else:
-        chosen = rng.choice(space, size=held + seen, replace=False)
-    return chosen[held:].astype(np.int64), chosen[:held].astype(np.int64)
+        seen_classes, seen_size = sizes.reach(held_classes, seen_target) or (0, 0)
+    part_sizes = [seen_size] if len(parts) == 1 else sizes.parts(held_classes, seen_classes, len(parts))
+    if seen_classes < len(parts) or min(part_sizes) < 1:
+        raise ConfigError(f"{where}.pool: after {held_size:,} held-out instances ({held_classes:,} whole classes: "
+                          f"{classes.symmetry}), the {space:,} instances of {task.describe()} leave no seen pool of "
+                          f"{seen_target or 1:,} instances for each of its {len(parts)} part(s) {parts}")
+    return SpacePool(name, pool.split, classes, shuffle, held_classes, seen_classes, held_size, list(parts), part_sizes)
+
+
+def split_pool(task: Task, params: dict, pool: PoolConfig, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(seen, held_out) instance ids of a task alone on its space (small spaces: the seen pool is listed whole)."""
+    sp = make_space_pool(task, pool, ["task"], where)
+    return sp.part_items(0, sp.part_sizes[0]), sp.held_out_items()
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -198,35 +419,106 @@ class Spec:
     config: TaskConfig
     task: Task
     encoder: Encoder
-    seen: np.ndarray
-    held_out: np.ndarray
+    pool: SpacePool     # the split of the task's instance space, common to every task on it
+    part: int           # the task's part of the space's seen pool
     counts: np.ndarray
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def space(self) -> str:
+        return self.pool.space
+
+    @property
+    def seen_size(self) -> int:
+        """Instances the task draws from: its part of the space's seen pool."""
+        return self.pool.part_sizes[self.part]
+
+    @property
+    def held_out(self) -> np.ndarray:
+        """The space's held-out instance ids, ascending."""
+        return self.pool.held_out_items()
+
+    def first_seen(self, n: int) -> np.ndarray:
+        """The first n instances of the task's seen part, in pool order."""
+        return self.pool.part_items(self.part, n)
+
+
+SPLIT_FIELDS = ("held_out", "seen", "seed", "split")
+"""The pool settings that define a space's split: equal for every task on the space."""
+
+
+def make_pools(configs: list[TaskConfig], tasks: list[Task]) -> list[tuple[SpacePool, int]]:
+    """(space pool, part) per task. Tasks on one space share its split; each draws from its own part of the seen
+    pool, except tasks that name one `share` group, which draw from a common part. Parts in config order."""
+    spaces: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        spaces.setdefault(task_space(task), []).append(i)
+    out: list = [None] * len(tasks)
+    for space, members in spaces.items():
+        first = configs[members[0]]
+        for i in members[1:]:
+            for key in SPLIT_FIELDS:
+                if getattr(configs[i].pool, key) != getattr(first.pool, key):
+                    raise ConfigError(f"tasks[{i}].pool.{key}: {configs[i].name} and {first.name} are both on {space}, "
+                                      f"whose tasks share one seen/held-out split; got {getattr(configs[i].pool, key)!r} "
+                                      f"and {getattr(first.pool, key)!r}")
+        labels = [f"share:{configs[i].pool.share}" if configs[i].pool.share else f"task:{configs[i].name}" for i in members]
+        parts = list(dict.fromkeys(labels))
+        pool = make_space_pool(tasks[members[0]], first.pool, parts, f"tasks[{members[0]}]")
+        for i, label in zip(members, labels):
+            out[i] = (pool, parts.index(label))
+    return out
+
 
 def make_specs(config: BuildConfig) -> list[Spec]:
     steps = config.training.steps
-    specs, splits = [], {}
-    for i, tc in enumerate(config.tasks):
-        where = f"tasks[{i}]"
-        task = make_task(tc.task, tc.params, where)
-        key = json.dumps([tc.task, tc.params], sort_keys=True)
-        pool_key = json.dumps(tc.pool.__dict__, sort_keys=True, default=str)
-        if key in splits and splits[key][0] != pool_key:
-            raise ConfigError(f"{where}.pool: {tc.task} {tc.params} is also used by {splits[key][1]} with another pool; "
-                              f"tasks on the same instance space must share one seen/held-out split")
-        splits.setdefault(key, (pool_key, tc.name))
-        seen, held = split_pool(task, tc.params, tc.pool, where)
+    tasks = [make_task(tc.task, tc.params, f"tasks[{i}]") for i, tc in enumerate(config.tasks)]
+    # Encodings first: a vocabulary or template error names its field before any pool work.
+    encoders = [Encoder(task, tc, config.tokenizer, f"tasks[{i}]") for i, (task, tc) in enumerate(zip(tasks, config.tasks))]
+    specs = []
+    for i, (tc, task, encoder, (pool, part)) in enumerate(zip(config.tasks, tasks, encoders, make_pools(config.tasks, tasks))):
         rng = np.random.default_rng([config.seed, _stable_seed("counts", tc.name)])
         counts = schedule_counts(tc.schedule, steps, rng)
-        if tc.pool.draw == "no-repeat" and counts.sum() > len(seen):
-            raise ConfigError(f"{where}.pool: draw 'no-repeat' needs {int(counts.sum()):,} seen instances, "
-                              f"the seen pool has {len(seen):,}")
-        specs.append(Spec(i, tc, task, Encoder(task, tc, config.tokenizer, where), seen, held, counts))
+        spec = Spec(i, tc, task, encoder, pool, part, counts)
+        if tc.pool.draw == "no-repeat" and counts.sum() > spec.seen_size:
+            raise ConfigError(f"tasks[{i}].pool: draw 'no-repeat' needs {int(counts.sum()):,} seen instances, "
+                              f"its part of the seen pool ({pool.parts[part]}) has {spec.seen_size:,}")
+        specs.append(spec)
     return specs
+
+
+def draw_items(config: BuildConfig, spec: Spec, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The seen instances of a task's n examples, in order.
+
+    cycle / no-repeat: the first min(n, part size) instances of the task's part, in an order shuffled once (the
+    same order for tasks of one share group), repeated; uniform: with replacement over the part."""
+    if spec.config.pool.draw == "uniform":
+        return spec.pool.uniform_items(spec.part, n, rng)
+    base = spec.first_seen(n)
+    if not len(base):
+        return base
+    label = spec.pool.parts[spec.part]
+    order = np.random.default_rng([config.seed, _stable_seed("cycle", spec.space, label)]).permutation(len(base))
+    return base[order][np.arange(n) % len(base)]
+
+
+def pool_arrays(specs: list[Spec]) -> dict[str, np.ndarray]:
+    """pools.npz: held_out_<i> (the space's held-out ids, ascending) and seen_<i> (the task's part, in pool
+    order) for each task; seen_<i> is left out when the part holds more than MAX_RECORDED_POOL instances."""
+    arrays = {}
+    for s in specs:
+        if s.seen_size <= MAX_RECORDED_POOL:
+            arrays[f"seen_{s.index}"] = s.first_seen(s.seen_size)
+        arrays[f"held_out_{s.index}"] = s.held_out
+    return arrays
+
+
+def pool_record(spec: Spec) -> dict:
+    """The manifest's account of a task's pools (beside seen_size / held_out_size)."""
+    return spec.pool.record(spec.part, spec.seen_size <= MAX_RECORDED_POOL)
 
 
 @dataclass
@@ -298,10 +590,7 @@ def make_plan(config: BuildConfig, specs: list[Spec]) -> Plan:
         mask = spec == s.index
         n = int(mask.sum())
         rng = np.random.default_rng([config.seed, _stable_seed("draws", s.name)])
-        k = np.arange(n)
-        draw = s.config.pool.draw
-        picks = k % len(s.seen) if draw == "cycle" else rng.integers(0, len(s.seen), n) if draw == "uniform" else k
-        item[mask] = s.seen[picks]
+        item[mask] = draw_items(config, s, n, rng)
         template[mask] = rng.integers(0, len(s.encoder.templates), n)
         keys = item[mask] * len(s.encoder.templates) + template[mask]
         unique, inverse = np.unique(keys, return_inverse=True)

@@ -23,7 +23,7 @@ from .build import OutputWriter, TokenStream
 from .config import BuildConfig
 from .configtools import to_dict
 from .errors import InjectError
-from .injection import Plan, check_epoch, make_plan, make_specs, olmo_order, order_digest
+from .injection import Plan, check_epoch, make_plan, make_specs, olmo_order, order_digest, pool_arrays, pool_record
 from .ledger import LEDGER, write_ledger
 
 PLAN_FILE = "plan.npz"
@@ -245,8 +245,7 @@ def write_injected(config: BuildConfig, injection: Injection, stream: TokenStrea
 
     write_ledger(out_dir / LEDGER, plan, example_instance)
     np.savez(out_dir / PLAN_FILE, counts=np.stack([s.counts for s in plan.specs], axis=1))
-    np.savez(out_dir / POOLS_FILE, **{f"seen_{s.index}": s.seen for s in plan.specs},
-             **{f"held_out_{s.index}": s.held_out for s in plan.specs})
+    np.savez(out_dir / POOLS_FILE, **pool_arrays(plan.specs))
     extra = {"injection": injection_summary(config, injection, N, order, overwritten, len(masked), kept, dolma_sha.hexdigest())}
     return outputs, extra
 
@@ -264,10 +263,10 @@ def injection_summary(config, injection: Injection, N: int, order, overwritten: 
             "encoding": s.config.encoding, "templates": s.encoder.templates,
             "number_tokens": s.config.number_tokens if s.config.encoding == "tokens" else None,
             "token_offset": s.config.token_offset, "schedule": to_dict(s.config.schedule), "pool": to_dict(s.config.pool),
-            "space_size": s.task.space_size(), "seen_size": len(s.seen), "held_out_size": len(s.held_out),
+            "space_size": s.task.space_size(), "seen_size": s.seen_size, "held_out_size": len(s.held_out), **pool_record(s),
             "examples": examples, "tokens": int(plan.length[mask].sum()),
             "mean_per_batch": examples / t.steps,
-            "exposures_per_seen_instance": examples / len(s.seen),
+            "exposures_per_seen_instance": examples / s.seen_size,
             "distinct_seen_instances_injected": int(len(np.unique(plan.item[mask]))),
         })
     injected = int(injection.block_lengths.sum())

@@ -17,7 +17,7 @@ from .sources import expand_inputs, open_token_file, source_kind
 
 def mean_example_tokens(spec, sample: int = 256) -> float:
     """Tokens of one example with its closing EOS, averaged over a sample of the seen pool."""
-    items = spec.seen[:sample]
+    items = spec.first_seen(sample)
     templates = np.arange(len(items)) % len(spec.encoder.templates)
     return float(np.mean([len(x) + 1 for x in spec.encoder.encode_many(items, templates)]))
 
@@ -47,7 +47,7 @@ def describe_plan(config: BuildConfig) -> tuple[str, list]:
         sched = s.config.schedule
         kind = f"{s.task.describe()}, {s.config.encoding}, {sched.kind}"
         lines.append(f"{s.name:20s} {kind[:46]:46s} {total / t.steps:10.3g} {length:7.1f} {total / t.steps * length:10.1f} "
-                     f"{total * length / (t.steps * B * L):7.3%} {total:11,} {len(s.seen):10,} {total / len(s.seen):9.3g} {len(s.held_out):9,}")
+                     f"{total * length / (t.steps * B * L):7.3%} {total:11,} {s.seen_size:10,} {total / s.seen_size:9.3g} {len(s.held_out):9,}")
     instances_with = np.minimum(sum(s.counts for s in specs), B)
     peak = (per_step_tokens + instances_with).max() / (B * L)
     lines += ["", f"capacity: at most {peak:.3%} of a batch's tokens are injected (limit max_batch_share {config.max_batch_share:.0%})"]

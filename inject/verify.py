@@ -6,7 +6,8 @@ Checks, each reported with the step/instance/file it concerns:
             every batch holds exactly the planned number of examples of each task, found in the tokens
   ledger    every ledger row of a batch points at an instance of that batch, and its tokens are the
             example it names (preceded by EOS, followed by EOS); ledger counts equal the plan
-  held-out  no held-out instance occurs anywhere in the token files (every EOS-delimited segment)
+  held-out  no held-out instance occurs anywhere in the token files (every EOS-delimited segment); under
+            `split: symmetric` no injected instance has a held-out twin (a member of its symmetry class)
   dolma     the Dolma tokens, with the injected blocks removed, hash to what the build recorded
   filter    no instance that holds examples is masked by OLMo's repetition filter
   config    with --train-config: batch size, sequence length, seed, tokenizer, vocabulary, EOS, dtype
@@ -28,7 +29,7 @@ from .build import TokenStream, load_manifest
 from .config import TaskConfig
 from .configtools import from_dict
 from .errors import InjectError
-from .injection import Encoder
+from .injection import Encoder, task_space
 from .ledger import read_ledger
 from .place import PLAN_FILE, POOLS_FILE
 from .tasks import make_task
@@ -87,7 +88,9 @@ class BuildView:
     path: Path
     manifest: dict
     encoders: list[Encoder]
-    held_out: list[set]
+    space_of_spec: list[str]
+    held_items: dict          # space -> held-out instance ids (the union over its tasks' pools), ascending
+    held_classes: dict        # space -> classes (under the task's symmetry) with a held-out member, ascending
     group_of_spec: list[int]
     group_names: list[str]
     counts: np.ndarray       # [steps, specs] planned counts
@@ -101,7 +104,13 @@ class BuildView:
         configs = [from_dict(TaskConfig, t, f"config.tasks[{i}]") for i, t in enumerate(manifest["config"]["tasks"])]
         encoders = [Encoder(make_task(c.task, c.params, c.name), c, tokenizer, c.name) for c in configs]
         pools = np.load(Path(build_dir) / POOLS_FILE)
-        held_out = [set(pools[f"held_out_{i}"].tolist()) for i in range(len(configs))]
+        tasks = manifest["injection"]["tasks"]
+        spaces = [t.get("space") or task_space(e.task) for t, e in zip(tasks, encoders)]
+        held_items, held_classes = {}, {}
+        for i, space in enumerate(spaces):
+            held_items[space] = np.union1d(held_items.get(space, np.zeros(0, np.int64)), pools[f"held_out_{i}"])
+        for i, space in enumerate(spaces):
+            held_classes.setdefault(space, np.unique(encoders[i].task.class_of(held_items[space])))
         signatures, group_of_spec, names = [], [], []
         for c in configs:
             sig = json.dumps([c.task, c.params, c.encoding, c.templates, c.number_tokens, c.token_offset], sort_keys=True)
@@ -112,7 +121,26 @@ class BuildView:
                 names[signatures.index(sig)] += "+" + c.name
             group_of_spec.append(signatures.index(sig))
         counts = np.load(Path(build_dir) / PLAN_FILE)["counts"]
-        return cls(Path(build_dir), manifest, encoders, held_out, group_of_spec, names, counts)
+        return cls(Path(build_dir), manifest, encoders, spaces, held_items, held_classes, group_of_spec, names, counts)
+
+    def split_of(self, spec: int) -> str:
+        """The task's split; builds from before `split` existed split by instance (`ordered`)."""
+        return self.manifest["injection"]["tasks"][spec].get("split", "ordered")
+
+    def held(self, spec: int, items) -> np.ndarray:
+        """Whether each instance is held out (on the task's space)."""
+        return _member(self.held_items[self.space_of_spec[spec]], items)
+
+    def twin_held(self, spec: int, items) -> np.ndarray:
+        """Whether each instance's symmetry class has a held-out member (itself or a twin)."""
+        return _member(self.held_classes[self.space_of_spec[spec]], self.encoders[spec].task.class_of(items))
+
+    def held_twin(self, spec: int, item: int) -> int | None:
+        """A held-out member of the item's class other than itself, if any."""
+        task = self.encoders[spec].task
+        _, members = task.class_members(task.class_of([item]))
+        twins = members[(members != item) & self.held(spec, members)]
+        return int(twins[0]) if len(twins) else None
 
     @property
     def eos(self) -> int:
@@ -145,6 +173,12 @@ class BuildView:
             found.append((position, *parsed))
             position = int(end) + 1
         return found
+
+
+def _member(sorted_values: np.ndarray, items) -> np.ndarray:
+    items = np.atleast_1d(np.asarray(items, dtype=np.int64))
+    where = np.minimum(np.searchsorted(sorted_values, items), max(len(sorted_values) - 1, 0))
+    return (sorted_values[where] == items) if len(sorted_values) else np.zeros(len(items), dtype=bool)
 
 
 def train_config_for(manifest: dict, save_folder: str, instance_filter: bool):
@@ -295,7 +329,7 @@ def _check_batch(view, rows, batch, step, planned, report, use_filter) -> None:
         if not ok:
             report.fail("ledger", f"step {step}: instance {instance} offset {offset}: tokens are not the example the ledger names "
                                   f"({view.manifest['injection']['tasks'][spec]['name']} item {int(row['item'])})")
-        if int(row["item"]) in view.held_out[spec]:
+        if view.held(spec, int(row["item"]))[0]:
             report.fail("held-out", f"step {step}: ledger row injects held-out item {int(row['item'])}")
 
 
@@ -368,13 +402,39 @@ def _held_out_in(job: tuple, view: BuildView | None = None) -> tuple[Report, int
                 continue
             parsed += 1
             spec, item = found[0], found[1]
-            for other in range(len(view.encoders)):
-                if view.group_of_spec[other] == view.group_of_spec[spec] and item in view.held_out[other]:
-                    held += 1
-                    report.fail("held-out", f"{name}: held-out {view.manifest['injection']['tasks'][other]['name']} "
-                                            f"item {item} at token {base + s}")
-                    break
+            task_name = view.manifest["injection"]["tasks"][spec]["name"]
+            if view.held(spec, item)[0]:
+                held += 1
+                report.fail("held-out", f"{name}: held-out {task_name} item {item} at token {base + s}")
+            elif view.split_of(spec) == "symmetric" and view.twin_held(spec, item)[0]:
+                held += 1
+                twin = view.encoders[spec].task.instance(view.held_twin(spec, item))
+                report.fail("held-out", f"{name}: {task_name} item {item} {view.encoders[spec].task.instance(item)} at "
+                                        f"token {base + s}, whose twin {twin} is held out")
     return report, parsed, held
+
+
+def check_held_out_twins(view: BuildView, ledger: np.ndarray, report: Report) -> None:
+    """Under `split: symmetric`, no injected instance may have a held-out twin; under `ordered` they are
+    allowed by design and counted."""
+    allowed = failed = 0
+    for spec, encoder in enumerate(view.encoders):
+        rows = ledger[ledger["spec"] == spec]
+        items, first = np.unique(rows["item"], return_index=True)
+        bad = np.flatnonzero(view.twin_held(spec, items) & ~view.held(spec, items))  # held items themselves: above
+        if view.split_of(spec) != "symmetric":
+            allowed += len(bad)
+            continue
+        failed += len(bad)
+        name, task = view.manifest["injection"]["tasks"][spec]["name"], encoder.task
+        for k in bad[np.argsort(rows["step"][first[bad]], kind="stable")]:
+            item = int(items[k])
+            report.fail("held-out", f"{name}: injected {task.instance(item)} at step {int(rows['step'][first[k]])}, "
+                                    f"whose twin {task.instance(view.held_twin(spec, item))} is held out")
+    splits = {view.split_of(spec) for spec in range(len(view.encoders))}
+    parts = [f"{failed} under split: symmetric"] if "symmetric" in splits else []
+    parts += [f"{allowed} under split: ordered (allowed by design)"] if "ordered" in splits else []
+    report.checked["injected instances with a held-out twin"] = ", ".join(parts)
 
 
 def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
@@ -421,5 +481,6 @@ def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | 
     check_ledger_against_plan(view, ledger, report)
     check_batches(view, ledger, report, sample, seed, workers)
     check_held_out(view, ledger, report, workers)
+    check_held_out_twins(view, ledger, report)
     check_dolma(view, ledger, report)
     return report

@@ -241,7 +241,8 @@ BAD_CONFIGS = [
     ({"max_batch_share": 1.0, "tasks": [{**TEXT_CMP, "schedule": {"kind": "even", "rate": 60}}]},
      "step 1 needs 81 tokens in one instance (sequence_length 32)"),
     ({"sequence_length": 8, "tasks": [TEXT_CMP]}, "does not fit an instance of sequence_length 8"),
-    ({"tasks": [{**TOKEN_MOD, "pool": {"seen": 5, "draw": "no-repeat"}}]}, "draw 'no-repeat' needs 10 seen instances, the seen pool has 5"),
+    ({"tasks": [{**TOKEN_MOD, "pool": {"seen": 5, "draw": "no-repeat"}}]}, # seen: 5 rounds up to whole symmetry classes: 3 unordered pairs, 6 instances
+     "draw 'no-repeat' needs 10 seen instances, its part of the seen pool (task:mod97-tok) has 6"),
     ({"training": {"global_batch_size": 64, "steps": 1000}, "tasks": [TOKEN_MOD]}, "training.steps: 1,000 steps x 64 instances"),
     ({"tasks": [{**TOKEN_MOD, "task": "comparison", "params": {"digits": 4}}]}, "is 2 tokens [2233, 18] in allenai/gpt-neox-olmo-dolma-v1_5, not one"),
     ({"tasks": [{**TOKEN_MOD, "task": "division"}]}, "tasks[0].task: unknown task 'division'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from fractions import Fraction
@@ -13,7 +14,7 @@ import yaml
 
 from conftest import docs, make_texts, run_cli, write_shard
 from inject.config import PoolConfig, ScheduleConfig
-from inject.injection import even_counts, schedule_counts, split_pool
+from inject.injection import Shuffle, even_counts, schedule_counts, split_pool
 from inject.tasks import Comparison, ModularAddition, Task, register, render_text
 
 
@@ -32,15 +33,77 @@ def test_render_splits_prompt_and_answer_at_the_space():
     assert render_text(Comparison(2), (31, 47), "Which is larger, {a} or {b}? {answer}") == ("Which is larger, 31 or 47?", " 47")
 
 
-@pytest.mark.parametrize("pool", [PoolConfig(held_out=0.2), PoolConfig(held_out=30, seen=100, seed=5)])
-def test_pools_are_disjoint_deterministic_and_sized(pool):
-    task = ModularAddition(23)
-    seen, held = split_pool(task, {"modulus": 23}, pool, "t")
-    again = split_pool(task, {"modulus": 23}, pool, "t")
+TASKS_WITH_SYMMETRIES = [Comparison(1), Comparison(2), ModularAddition(7, 2), ModularAddition(5, 3), ModularAddition(2, 8),
+                         ModularAddition(3, 4), ModularAddition(13, 3)]
+
+
+@pytest.mark.parametrize("task", TASKS_WITH_SYMMETRIES, ids=str)
+def test_symmetry_classes_partition_the_space_into_twins(task):
+    n, classes = task.space_size(), task.class_count()
+    of = task.class_of(np.arange(n))
+    assert sorted(set(of.tolist())) == list(range(classes))
+    owners, members = task.class_members(np.arange(classes))
+    assert sorted(members.tolist()) == list(range(n))  # every instance in exactly one class
+    assert np.array_equal(of[members], owners)
+    sizes = task.class_sizes(np.arange(classes))
+    assert np.array_equal(np.bincount(owners, minlength=classes), sizes) and sizes.max() == task.max_class_size
+    for i in range(0, n, max(1, n // 60)):  # a class is exactly the instances with the same canonical form
+        x = task.instance(i)
+        twins = {task.instance(int(m)) for m in members[owners == of[i]]}
+        assert twins == set(itertools.permutations(x)) and {task.canonical(t) for t in twins} == {task.canonical(x)}
+    listed = task.irregular_classes()
+    if listed is not None:
+        assert sorted(listed[0].tolist()) == np.flatnonzero(sizes < task.max_class_size).tolist()
+        assert np.array_equal(sizes[listed[0]], listed[1])
+
+
+def test_symmetries_of_huge_spaces_are_computed_without_listing_them():
+    for task in [Comparison(9), ModularAddition(2**31 - 1, 2), ModularAddition(1_600_000, 3)]:
+        items = np.array([0, task.space_size() - 1, task.space_size() // 3])
+        owners, members = task.class_members(task.class_of(items))
+        for k, item in enumerate(items):
+            twins = {task.instance(int(m)) for m in members[owners == k]}
+            assert task.instance(int(item)) in twins and len({task.canonical(t) for t in twins}) == 1
+    assert Comparison(9).class_count() == 900_000_000 * 899_999_999 // 2
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 1000, 4097])
+def test_shuffle_is_a_keyed_bijection_with_its_inverse(n):
+    shuffle = Shuffle(n, [0, 1])
+    ranks = shuffle.rank(np.arange(n))
+    assert sorted(ranks.tolist()) == list(range(n))
+    assert np.array_equal(shuffle.at(ranks), np.arange(n))
+    if n > 64:
+        assert not np.array_equal(ranks, Shuffle(n, [0, 2]).rank(np.arange(n)))
+    huge = Shuffle(1 << 61, [3])
+    x = np.array([0, 1, (1 << 61) - 1, 12345678987654321])
+    assert np.array_equal(huge.at(huge.rank(x)), x) and (huge.rank(x) < 1 << 61).all()
+
+
+@pytest.mark.parametrize("pool", [PoolConfig(held_out=0.2), PoolConfig(held_out=30, seen=100, seed=5),
+                                  PoolConfig(held_out=0.2, split="ordered"), PoolConfig(held_out=30, seen=100, seed=5, split="ordered")])
+@pytest.mark.parametrize("task", [ModularAddition(23), ModularAddition(7, 3), Comparison(2)], ids=str)
+def test_pools_are_disjoint_deterministic_sized_and_whole_classes(pool, task):
+    seen, held = split_pool(task, {}, pool, "t")
+    again = split_pool(task, {}, pool, "t")
     assert np.array_equal(seen, again[0]) and np.array_equal(held, again[1])
-    assert not set(seen) & set(held)
-    assert len(held) == (round(0.2 * 529) if isinstance(pool.held_out, float) else 30)
-    assert len(seen) == (529 - len(held) if pool.seen is None else 100)
+    space = task.space_size()
+    held_target = round(0.2 * space) if isinstance(pool.held_out, float) else 30
+    if pool.split == "ordered":  # single instances: exact sizes, twins may fall on both sides
+        assert not set(seen) & set(held)
+        assert len(held) == held_target and len(seen) == (space - held_target if pool.seen is None else 100)
+        return
+    # Whole classes: a pool exceeds its request by less than one class; no class has members on both sides.
+    assert held_target <= len(held) < held_target + task.max_class_size
+    if pool.seen is None:
+        assert len(seen) + len(held) == space
+    else:
+        assert 100 <= len(seen) < 100 + task.max_class_size
+    seen_classes, held_classes = set(task.class_of(seen).tolist()), set(task.class_of(held).tolist())
+    assert not seen_classes & held_classes
+    for classes, pool_items in ((held_classes, held), (seen_classes, seen)):
+        _, members = task.class_members(np.array(sorted(classes)))
+        assert sorted(members.tolist()) == sorted(pool_items.tolist())
 
 
 @pytest.mark.parametrize("rate,steps", [(0.1, 1000), (1000, 50), (2.5, 7), (1 / 3, 300)])
