@@ -228,7 +228,7 @@ def batch_parts(build_dir: Path, manifest: dict, step: int, task_names: list[str
         for r in rows[rows["instance"] == instance]:
             name = task_names[int(r["spec"])]
             m = mask.setdefault(f"batch_task:{name}", np.zeros(positions))
-            lo, hi = int(r["offset"]) - 1, int(r["offset"]) + int(r["length"]) - 1  # targets offset .. offset+length-1
+            lo, hi = max(int(r["offset"]) - 1, 0), int(r["offset"]) + int(r["length"]) - 1  # targets offset .. offset+length-1 (offset 0: its first token has no predictor)
             m[lo:hi] = 1.0
             examples[name] += 1
             task_tokens[name] += hi - lo

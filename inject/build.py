@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from . import __version__
 from . import tokenizer as tok
-from .config import BuildConfig
+from .config import BuildConfig, order_fields
+from .configtools import to_dict
 from .errors import InjectError
 from .sources import FileStats, Problem, check_token_ids, expand_inputs, iter_dolma_texts, open_token_file, source_kind
 
@@ -390,14 +391,23 @@ def summarize_inputs(records: list[dict]) -> tuple[dict, list[dict]]:
 
 
 def data_block(config: BuildConfig, out_dir: Path, outputs: list[dict]) -> dict:
-    """The OLMo TrainConfig fragment that trains on this build."""
+    """The OLMo TrainConfig fragment that trains on this build: data, tokenizer, and every field that fixes
+    which instances a step reads (`order_fields`), so that a TrainConfig merged with it reads the planned order."""
     spec = tok.get_spec(config.tokenizer)
-    return {
+    block = {
         "data": {"paths": [str((out_dir / f["path"]).resolve()) for f in outputs], "memmap_dtype": config.token_dtype},
-        "model": {"max_sequence_length": config.sequence_length, "eos_token_id": spec.eos_token_id,
+        "model": {"eos_token_id": spec.eos_token_id,
                   "pad_token_id": spec.pad_token_id, "vocab_size": tok.vocab_size(config.tokenizer)},
         "tokenizer": {"identifier": spec.olmo_identifier},
     }
+    training = to_dict(config.training) if config.tasks else None
+    for name, value in order_fields(config.sequence_length, training).items():
+        *parents, key = name.split(".")
+        node = block
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = value
+    return block
 
 
 def write_manifest(partial: Path, out_dir: Path, config: BuildConfig, records: list[dict], outputs: list[dict],

@@ -396,7 +396,8 @@ def _print_summary(out: Path, manifest: dict) -> None:
         inj = manifest["injection"]
         t, totals = inj["training"], inj["totals"]
         print(f"  injected for {t['steps']:,} steps x {t['global_batch_size']} (seed {t['seed']}), {inj['placement']}: "
-              f"{totals['examples']:,} examples, {totals['injected_tokens']:,} tokens in {totals['instances_with_examples']:,} instances")
+              f"{totals['examples']:,} examples, {totals['injected_tokens']:,} tokens in {totals['instances_with_examples']:,} instances"
+              + (f" ({totals['blocks_without_boundary']:,} of them split a document)" if "blocks_without_boundary" in totals else ""))
         for task in inj["tasks"]:
             print(f"    {task['name']:20s} {task['examples']:>10,} examples  {task['mean_per_batch']:.3g}/batch  "
                   f"seen pool {task['seen_size']:,}  held-out {task['held_out_size']:,}")

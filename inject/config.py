@@ -12,6 +12,9 @@ from . import tokenizer as tok
 from .configtools import from_dict, load_yaml
 from .errors import ConfigError
 
+PLACEMENTS = ("sequence-start", "sequence-start-insert", "document-boundary")
+"""Where injected examples go inside their instance; the BuildConfig.placement docstring says what each means."""
+
 
 @dataclass
 class TrainingConfig:
@@ -35,6 +38,25 @@ class TrainingConfig:
                 raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
+
+
+def order_fields(sequence_length: int, training: dict | None) -> dict[str, Any]:
+    """Every OLMo TrainConfig field (dotted path) that decides which instances a training step reads, with the
+    value a build needs (`training`: a TrainingConfig as a dict; None for a build without injection).
+
+    The one list of them: `olmo-data.yaml` carries them, `train` and `verify --train-config` refuse a config
+    whose values differ (`epoch` also when unset, `fast_forward_batches` also when 0: the same order)."""
+    fields: dict[str, Any] = {"model.max_sequence_length": sequence_length}
+    if training is not None:
+        fields.update({
+            "global_train_batch_size": training["global_batch_size"],
+            "data.seed": training["seed"],
+            "data.drop_last": training["drop_last"],
+            "epoch": 0,                   # the plan is laid out in epoch 0's order
+            "fast_forward_batches": None,  # skipping batches skips their planned examples
+            "restore_dataloader": True,    # else a resumed run reads the order again from batch 1
+        })
+    return fields
 
 
 @dataclass
@@ -185,8 +207,11 @@ class BuildConfig:
     """Tasks to inject; empty for a plain tokenization build."""
 
     placement: str = "sequence-start"
-    """`sequence-start`: examples overwrite the first tokens of an instance (the overwritten Dolma tokens are
-    counted); `document-boundary`: examples are inserted as their own documents, no Dolma token lost."""
+    """Where an instance's examples go (see inject/place.py). `sequence-start`: at its start, overwriting the
+    first Dolma tokens (counted); `sequence-start-insert`: at its start, inserted (no Dolma token lost, but the
+    document running there is split in two); `document-boundary`: inserted at the first document boundary
+    inside the instance (no token lost, no document split; an instance without any boundary takes them at its
+    start and is counted as `blocks_without_boundary`)."""
 
     max_batch_share: float = 0.25
     """Largest share of a batch's tokens that injected examples may take; a plan above it is refused."""
@@ -219,7 +244,7 @@ class BuildConfig:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.sequence_length > np.iinfo(np.int32).max:
             raise ConfigError(f"sequence_length: {self.sequence_length} is too large")
-        _one_of("placement", self.placement, ["sequence-start", "document-boundary"])
+        _one_of("placement", self.placement, list(PLACEMENTS))
         _one_of("instance_filter", self.instance_filter, ["refuse", "warn", "off"])
         if not 0 < self.max_batch_share <= 1:
             raise ConfigError(f"max_batch_share: expected 0 < x <= 1, got {self.max_batch_share}")

@@ -2,12 +2,22 @@
 example in its planned batch.
 
 Instances are written in index order 0..N-1. Instance i holds, when the plan puts examples in it, a
-block (EOS, then each example and its EOS) followed by Dolma tokens in their original order:
+block (its examples, each followed by EOS) and Dolma tokens in their original order. `placement`:
 
 - `sequence-start`: instance i is the base build's instance i with its first tokens overwritten by
-  the block (N does not change; the overwritten Dolma tokens are counted);
-- `document-boundary`: the block is inserted before the Dolma tokens, which continue where the
-  previous instance stopped (no Dolma token lost; N grows by the injected tokens / L).
+  EOS + the block (N does not change; the overwritten Dolma tokens are counted);
+- `sequence-start-insert`: EOS + the block is inserted at the instance's start, before the Dolma tokens,
+  which continue where the previous instance stopped (no Dolma token lost; N grows by the injected
+  tokens / L). The document running at that point is split in two by the block;
+- `document-boundary`: the Dolma tokens flow on as with `sequence-start-insert`, and the block is
+  inserted at the instance's first document boundary: its start when the token before it in the stream
+  is EOS (or there is none), else right after the first EOS among its Dolma tokens. The EOS that ends
+  that document opens the block, so no document is split. An instance whose Dolma tokens hold no EOS
+  (one long document runs through it) has no boundary: the block goes to its start, splitting that
+  document, and is counted in the manifest (`blocks_without_boundary`).
+
+Every placement counts `blocks_without_boundary`: blocks whose preceding token in the token stream is
+not EOS (the document running there is cut); the ledger's `offset` is each example's real position.
 """
 
 from __future__ import annotations
@@ -45,11 +55,35 @@ def prepare_injection(config: BuildConfig) -> Injection:
     return Injection(plan, steps, slots, lengths)
 
 
+def opens_with_eos(placement: str) -> bool:
+    """Start placements open the block with an EOS of its own; at a document boundary the Dolma EOS does."""
+    return placement != "document-boundary"
+
+
+def block_tokens(config: BuildConfig, injection: Injection) -> np.ndarray:
+    """Tokens of each instance's block as written (plan.block_lengths counts a leading EOS)."""
+    return injection.block_lengths - (0 if opens_with_eos(config.placement) else 1)
+
+
 def num_instances(config: BuildConfig, injection: Injection, stream_tokens: int) -> int:
     L = config.sequence_length
     if config.placement == "sequence-start":
         return stream_tokens // L
-    return (stream_tokens + int(injection.block_lengths.sum())) // L
+    return (stream_tokens + int(block_tokens(config, injection).sum())) // L
+
+
+def arrange(placement: str, block: np.ndarray, dolma: np.ndarray, after_eos: bool, eos: int) -> tuple[np.ndarray, int, bool]:
+    """(tokens, block offset, at a boundary) of an instance holding `block` and the Dolma tokens `dolma`.
+
+    `after_eos`: the token before the instance in the token stream is EOS, or there is none."""
+    if opens_with_eos(placement):
+        return np.concatenate([block, dolma]), 0, after_eos
+    if after_eos:
+        position, boundary = 0, True
+    else:
+        ends = np.flatnonzero(dolma == eos)
+        position, boundary = (int(ends[0]) + 1, True) if len(ends) else (0, False)
+    return np.concatenate([dolma[:position], block, dolma[position:]]), position, boundary
 
 
 def instance_filter_masks(tokens: np.ndarray) -> bool:
@@ -117,32 +151,38 @@ class RandomAccess:
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def instance_blocks(plan: Plan, example_instance: np.ndarray, eos: int, dtype) -> list[tuple[int, np.ndarray]]:
-    """(instance, block) for every instance holding examples, ascending: EOS, then each example and its EOS."""
+def instance_blocks(plan: Plan, example_instance: np.ndarray, eos: int, dtype,
+                    lead: bool = True) -> list[tuple[int, np.ndarray]]:
+    """(instance, block) for every instance holding examples, ascending: each example and its EOS, after
+    a leading EOS when `lead`."""
     by_instance = np.lexsort((plan.offset, example_instance))
     blocks, current, parts = [], None, []
+    opening = [np.array([eos], dtype=dtype)] if lead else []
     for row in by_instance:
         instance = int(example_instance[row])
         if instance != current:
             if current is not None:
                 blocks.append((current, np.concatenate(parts)))
-            current, parts = instance, [np.array([eos], dtype=dtype)]
+            current, parts = instance, list(opening)
         parts += [plan.tokens_of(row).astype(dtype), np.array([eos], dtype=dtype)]
     if current is not None:
         blocks.append((current, np.concatenate(parts)))
     return blocks
 
 
-def instance_contents(config: BuildConfig, blocks, source: RandomAccess):
+def instance_contents(config: BuildConfig, blocks, source: RandomAccess, eos: int):
     """The final tokens of each instance holding examples, without writing anything."""
     L, shift = config.sequence_length, 0
     for instance, block in blocks:
         if config.placement == "sequence-start":
-            dolma = source.read(instance * L + len(block), L - len(block))
+            start = instance * L
+            dolma = source.read(start + len(block), L - len(block))
         else:
-            dolma = source.read(instance * L - shift, L - len(block))
+            start = instance * L - shift
+            dolma = source.read(start, L - len(block))
             shift += len(block)
-        yield instance, np.concatenate([block, dolma.astype(block.dtype)])
+        after_eos = start == 0 or int(source.read(start - 1, 1)[0]) == eos
+        yield instance, arrange(config.placement, block, dolma.astype(block.dtype), after_eos, eos)[0]
 
 
 def avoid_filtered_instances(config: BuildConfig, injection: Injection, order: np.ndarray, source: RandomAccess,
@@ -154,8 +194,8 @@ def avoid_filtered_instances(config: BuildConfig, injection: Injection, order: n
     masked: set[int] = set()
     for _ in range(B + 1):  # each round rules out at least one slot of a batch
         example_instance = plan.instances(order)
-        blocks = instance_blocks(plan, example_instance, eos, dtype)
-        masked = filtered_instances(instance_contents(config, blocks, source))
+        blocks = instance_blocks(plan, example_instance, eos, dtype, opens_with_eos(config.placement))
+        masked = filtered_instances(instance_contents(config, blocks, source, eos))
         if not masked:
             return masked
         moved = False
@@ -210,31 +250,49 @@ def write_injected(config: BuildConfig, injection: Injection, stream: TokenStrea
                 f"(first: instance {min(masked)}) and the batch has no free instance left; lower the rates or set "
                 f"instance_filter: warn"
             )
+        if num_instances(config, injection, stream.total) != N:  # moved examples opened new blocks (one EOS each)
+            raise InjectError(
+                f"instance_filter: moving examples out of instances OLMo's repetition filter would mask changes the "
+                f"number of instances (and so OLMo's order); use placement: document-boundary or sequence-start, or "
+                f"instance_filter: warn")
     example_instance = plan.instances(order)
 
     writer = OutputWriter(out_dir, config.instances_per_file * L, L)
     dolma_sha, kept, overwritten, position = hashlib.sha256(), 0, 0, 0
+    last_token = None  # the last token written: is the next instance's start a document boundary?
+
+    def write_plain(chunk: np.ndarray) -> None:
+        nonlocal kept, last_token
+        writer.write(chunk)
+        dolma_sha.update(chunk.tobytes())
+        kept += len(chunk)
+        if len(chunk):
+            last_token = int(chunk[-1])
 
     def copy_plain(n_tokens: int) -> None:
-        nonlocal kept
         while n_tokens > 0:
             chunk = stream.take(min(n_tokens, 1 << 22))
-            writer.write(chunk)
-            dolma_sha.update(chunk.tobytes())
-            kept += len(chunk)
+            write_plain(chunk)
             n_tokens -= len(chunk)
 
+    block_instance, block_offset, without_boundary = [], [], 0
     bar = tqdm(total=N, desc="write", unit="inst", unit_scale=True, disable=None)
-    for instance, block in instance_blocks(plan, example_instance, eos, dtype):
+    for instance, block in instance_blocks(plan, example_instance, eos, dtype, opens_with_eos(config.placement)):
         copy_plain((instance - position) * L)
         if config.placement == "sequence-start":
             dolma = stream.take(L)[len(block):]
             overwritten += len(block)
         else:
             dolma = stream.take(L - len(block))
+        after_eos = last_token is None or last_token == eos
+        tokens, offset, boundary = arrange(config.placement, block, dolma, after_eos, eos)
+        without_boundary += not boundary
+        block_instance.append(instance)
+        block_offset.append(offset)
         dolma_sha.update(dolma.tobytes())
         kept += len(dolma)
-        writer.write(np.concatenate([block, dolma]))
+        writer.write(tokens)
+        last_token = int(tokens[-1])
         bar.update(instance - position + 1)
         position = instance + 1
     copy_plain((N - position) * L)
@@ -243,15 +301,19 @@ def write_injected(config: BuildConfig, injection: Injection, stream: TokenStrea
     copy_plain(stream.total - stream.consumed)  # the tail: in the last file, in no instance
     outputs = writer.finish()
 
+    # plan.offset counts from a leading EOS at the instance start; shift each block to where it was put
+    shift = np.array(block_offset, np.int64) - (0 if opens_with_eos(config.placement) else 1)
+    plan.offset = plan.offset + shift[np.searchsorted(np.array(block_instance, np.int64), example_instance)]
     write_ledger(out_dir / LEDGER, plan, example_instance)
     np.savez(out_dir / PLAN_FILE, counts=np.stack([s.counts for s in plan.specs], axis=1))
     np.savez(out_dir / POOLS_FILE, **pool_arrays(plan.specs))
-    extra = {"injection": injection_summary(config, injection, N, order, overwritten, len(masked), kept, dolma_sha.hexdigest())}
+    extra = {"injection": injection_summary(config, injection, N, order, overwritten, len(masked), kept,
+                                            dolma_sha.hexdigest(), without_boundary)}
     return outputs, extra
 
 
 def injection_summary(config, injection: Injection, N: int, order, overwritten: int, masked: int,
-                      kept: int, kept_sha: str) -> dict:
+                      kept: int, kept_sha: str, without_boundary: int) -> dict:
     plan, t = injection.plan, config.training
     B, L = t.global_batch_size, config.sequence_length
     tasks = []
@@ -269,16 +331,17 @@ def injection_summary(config, injection: Injection, N: int, order, overwritten: 
             "exposures_per_seen_instance": examples / s.seen_size,
             "distinct_seen_instances_injected": int(len(np.unique(plan.item[mask]))),
         })
-    injected = int(injection.block_lengths.sum())
+    blocks = block_tokens(config, injection)
     return {
         "training": to_dict(t), "placement": config.placement, "num_instances": N,
         "epochs_used": t.steps * B / N,
         "order_sha256": order_digest(order, t.steps * B),
         "tasks": tasks,
         "totals": {
-            "examples": plan.examples, "injected_tokens": injected,
-            "instances_with_examples": len(injection.block_lengths),
-            "max_batch_share": float(np.bincount(injection.block_steps - 1, weights=injection.block_lengths,
+            "examples": plan.examples, "injected_tokens": int(blocks.sum()),
+            "instances_with_examples": len(blocks),
+            "blocks_without_boundary": without_boundary,
+            "max_batch_share": float(np.bincount(injection.block_steps - 1, weights=blocks,
                                                  minlength=t.steps).max() / (B * L)) if plan.examples else 0.0,
             "overwritten_dolma_tokens": overwritten,
             "instances_masked_by_olmo_filter": masked,

@@ -9,6 +9,10 @@ Checks, each reported with the step/instance/file it concerns:
   held-out  no held-out instance occurs anywhere in the token files (every EOS-delimited segment); under
             `split: symmetric` no injected instance has a held-out twin (a member of its symmetry class)
   dolma     the Dolma tokens, with the injected blocks removed, hash to what the build recorded
+  placement each instance's examples form one block where its placement puts it: at the start after an
+            EOS (sequence-start, sequence-start-insert), or (document-boundary) right after an EOS in the
+            token stream, or at the instance start when its Dolma tokens hold no EOS at all; the blocks
+            not preceded by EOS are as many as the manifest's `blocks_without_boundary`
   filter    no instance that holds examples is masked by OLMo's repetition filter
   config    with --train-config: batch size, sequence length, seed, tokenizer, vocabulary, EOS, dtype
 """
@@ -26,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .build import TokenStream, load_manifest
-from .config import TaskConfig
+from .config import TaskConfig, order_fields
 from .configtools import from_dict
 from .errors import InjectError
 from .injection import Encoder, task_space
@@ -159,6 +163,18 @@ class BuildView:
                 return (spec, *found)
         return None
 
+    @property
+    def placement(self) -> str:
+        return self.manifest["injection"]["placement"]
+
+    def find_examples(self, row: np.ndarray, longest: int) -> list[tuple[int, int, int, int, bool]]:
+        """The examples in an instance where its placement may put them: (offset, spec, item, template,
+        correct) each. Start placements: the run of examples after the instance's leading EOS; document-boundary:
+        every EOS-terminated segment of at most `longest` tokens that parses as an example."""
+        if self.placement == "document-boundary":
+            return self._find_anywhere(row, longest)
+        return self.find_block(row)
+
     def find_block(self, row: np.ndarray) -> list[tuple[int, int, int, int, bool]]:
         """Examples at the start of an instance: (offset, spec, item, template, correct) each."""
         found = []
@@ -172,6 +188,17 @@ class BuildView:
                 break
             found.append((position, *parsed))
             position = int(end) + 1
+        return found
+
+    def _find_anywhere(self, row: np.ndarray, longest: int) -> list[tuple[int, int, int, int, bool]]:
+        ends = np.flatnonzero(row == self.eos)
+        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+        found = []
+        for start, end in zip(starts, ends):
+            if 0 < end - start <= longest:
+                parsed = self.parse(row[start:end])
+                if parsed is not None:
+                    found.append((int(start), *parsed))
         return found
 
 
@@ -200,15 +227,28 @@ def train_config_for(manifest: dict, save_folder: str, instance_filter: bool):
 
 
 def order_settings(cfg, manifest: dict) -> list[tuple[str, object, object]]:
-    """(field, TrainConfig value, build value) of the settings that fix OLMo's data order."""
-    settings = [("model.max_sequence_length", cfg.model.max_sequence_length, manifest["sequence_length"])]
-    if "injection" in manifest:
-        t = manifest["injection"]["training"]
-        seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
-        settings += [("global_train_batch_size", cfg.global_train_batch_size, t["global_batch_size"]),
-                     ("data.seed (or seed)", seed, t["seed"]),
-                     ("data.drop_last", cfg.data.drop_last, t["drop_last"])]
-    return settings
+    """(field, TrainConfig value, build value) of the settings that fix OLMo's data order (`order_fields`)."""
+    training = manifest["injection"]["training"] if "injection" in manifest else None
+    return [(ORDER_LABELS.get(name, name), _order_value(cfg, name), want)
+            for name, want in order_fields(manifest["sequence_length"], training).items()]
+
+
+ORDER_LABELS = {"data.seed": "data.seed (or seed)"}
+
+
+def _order_value(cfg, name: str):
+    """A TrainConfig's value of an order field, as OLMo uses it (unset data.seed: seed; unset epoch: 0; 0 batches
+    fast-forwarded: none)."""
+    if name == "data.seed":
+        return cfg.data.seed if cfg.data.seed is not None else cfg.seed
+    if name == "epoch":
+        return cfg.epoch or 0
+    if name == "fast_forward_batches":
+        return cfg.fast_forward_batches or None
+    value = cfg
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def check_train_config(manifest: dict, path: Path, report: Report) -> None:
@@ -222,7 +262,6 @@ def check_train_config(manifest: dict, path: Path, report: Report) -> None:
         ("model.eos_token_id", cfg.model.eos_token_id, tok["eos_token_id"]),
         ("model.pad_token_id", cfg.model.pad_token_id, tok["pad_token_id"]),
         ("data.memmap_dtype", cfg.data.memmap_dtype, manifest["dtype"]),
-        ("epoch", cfg.epoch or 0, 0),
     ]
     for name, got, want in pairs:
         if got != want:
@@ -281,6 +320,7 @@ def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int]) -> Repo
     steps, B = t["steps"], t["global_batch_size"]
     use_filter = manifest["injection"]["totals"]["instance_filter"] != "off"
     rows_of_step = np.searchsorted(ledger["step"], np.arange(1, steps + 2))
+    longest = int(ledger["length"].max()) if len(ledger) else 0  # no example is longer (closing EOS included)
     planned = np.zeros((steps, len(view.group_names)), dtype=np.int64)
     for spec, group in enumerate(view.group_of_spec):
         planned[:, group] += view.counts[:, spec]
@@ -293,17 +333,18 @@ def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int]) -> Repo
                 iterator = iter(loader)
             batch = next(iterator)
             previous = step
-            _check_batch(view, ledger[rows_of_step[step - 1] : rows_of_step[step]], batch, step, planned[step - 1], report, use_filter)
+            _check_batch(view, ledger[rows_of_step[step - 1] : rows_of_step[step]], batch, step, planned[step - 1], report,
+                         use_filter, longest)
     return report
 
 
-def _check_batch(view, rows, batch, step, planned, report, use_filter) -> None:
+def _check_batch(view, rows, batch, step, planned, report, use_filter, longest) -> None:
     ids = batch["input_ids"].numpy()
     index = batch["index"].numpy().astype(np.int64)
     found = np.zeros(len(planned), dtype=np.int64)
     found_at = {}
     for r in range(len(ids)):
-        block = view.find_block(ids[r])
+        block = view.find_examples(ids[r], longest)
         for offset, spec, item, template, correct in block:
             found[view.group_of_spec[spec]] += 1
             found_at[(int(index[r]), offset)] = (spec, item, template)
@@ -324,7 +365,7 @@ def _check_batch(view, rows, batch, step, planned, report, use_filter) -> None:
         tokens = ids[row_of_instance[instance]]
         spec = int(row["spec"])
         end = offset + len(expected)
-        ok = (int(row["length"]) == len(expected) + 1 and tokens[offset - 1] == view.eos and end < len(tokens)
+        ok = (int(row["length"]) == len(expected) + 1 and (offset == 0 or tokens[offset - 1] == view.eos) and end < len(tokens)
               and np.array_equal(tokens[offset:end], expected) and tokens[end] == view.eos)
         if not ok:
             report.fail("ledger", f"step {step}: instance {instance} offset {offset}: tokens are not the example the ledger names "
@@ -437,35 +478,76 @@ def check_held_out_twins(view: BuildView, ledger: np.ndarray, report: Report) ->
     report.checked["injected instances with a held-out twin"] = ", ".join(parts)
 
 
+def _blocks(ledger: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per instance holding examples, ascending: (instance, first example's offset, end of the last example,
+    whether its examples lie back to back)."""
+    if not len(ledger):
+        return (np.zeros(0, np.int64),) * 3 + (np.zeros(0, bool),)
+    instance = ledger["instance"].astype(np.int64)
+    offset, length = ledger["offset"].astype(np.int64), ledger["length"].astype(np.int64)
+    rows = np.lexsort((offset, instance))
+    instance, offset, length = instance[rows], offset[rows], length[rows]
+    first = np.concatenate([[True], instance[1:] != instance[:-1]])
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], len(rows)) - 1
+    gaps = np.concatenate([[0], offset[1:] - (offset[:-1] + length[:-1])])
+    gaps[starts] = 0
+    contiguous = np.logical_and.reduceat(gaps == 0, starts)
+    return instance[starts], offset[starts], offset[ends] + length[ends], contiguous
+
+
 def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
-    """Remove each instance's injected block; what remains must be the Dolma tokens the build kept."""
+    """Remove each instance's injected block; what remains must be the Dolma tokens the build kept. On the
+    way, check that each block sits where its placement promises (see `placement` in the module docstring)."""
     inj = view.manifest["injection"]
-    L = view.manifest["sequence_length"]
+    L, eos, placement = view.manifest["sequence_length"], view.eos, view.placement
+    lead = 0 if placement == "document-boundary" else 1
     stream = TokenStream(_open_outputs(view))
-    instances, where = np.unique(ledger["instance"].astype(np.int64), return_inverse=True) if len(ledger) else (np.zeros(0, np.int64), None)
-    blocks = np.bincount(where, weights=ledger["length"], minlength=len(instances)).astype(np.int64) + 1 if len(ledger) else instances
-    sha, kept, position = hashlib.sha256(), 0, 0
+    sha, kept, position, last_token = hashlib.sha256(), 0, 0, None
+    without_boundary = 0
 
     def hash_plain(n: int) -> None:
-        nonlocal kept
+        nonlocal kept, last_token
         while n > 0:
             part = stream.take(min(n, 1 << 22))
             sha.update(part.tobytes())
             kept += len(part)
             n -= len(part)
+            if len(part):
+                last_token = int(part[-1])
 
-    for instance, block in zip(instances, blocks):
+    blocks = _blocks(ledger)
+    for instance, first, end, contiguous in zip(*blocks):
         hash_plain(int(instance - position) * L)
-        part = stream.take(L)[block:]
-        sha.update(part.tobytes())
-        kept += len(part)
+        tokens = stream.take(L)
+        start = int(first) - lead
+        dolma = np.concatenate([tokens[:max(start, 0)], tokens[end:]])
+        before = int(tokens[start - 1]) if start > 0 else last_token
+        at_boundary = before is None or before == eos
+        without_boundary += not at_boundary
+        where = f"instance {instance}: block at offset {start}"
+        if not contiguous:
+            report.fail("placement", f"instance {instance}: its examples are not one block (ledger offsets leave gaps)")
+        if lead and (start != 0 or tokens[0] != eos):
+            report.fail("placement", f"{where}, not an EOS at the instance start ({placement})")
+        elif not lead and not at_boundary and (start != 0 or np.any(dolma == eos)):
+            report.fail("placement", f"{where} follows token {before}, not EOS: it splits a document "
+                                     f"(a block without a boundary must be at the start of an instance without any)")
+        sha.update(dolma.tobytes())
+        kept += len(dolma)
+        last_token = int(tokens[-1])
         position = int(instance) + 1
     hash_plain(stream.total - stream.consumed)
     want = inj["dolma"]
     if sha.hexdigest() != want["kept_sha256"] or kept != want["kept_tokens"]:
         report.fail("dolma", f"the Dolma tokens outside the injected blocks ({kept:,}) do not hash to the build's record "
                              f"({want['kept_tokens']:,} tokens); tokens were changed, lost or reordered")
+    recorded = inj["totals"].get("blocks_without_boundary")
+    if recorded is not None and recorded != without_boundary:
+        report.fail("placement", f"{without_boundary} block(s) are not preceded by EOS (split a document), the manifest "
+                                 f"records {recorded}")
     report.checked["dolma tokens intact"] = f"{kept:,} kept, {inj['totals']['overwritten_dolma_tokens']:,} overwritten by design"
+    report.checked["placement"] = f"{placement}: {len(blocks[0]):,} blocks, {without_boundary:,} not after EOS"
 
 
 def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | None = None, seed: int = 0,

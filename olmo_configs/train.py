@@ -42,8 +42,11 @@ def resolve_config(config_path: Path, build_dir: Path, run_dir: Path, overrides:
         if steps is None or steps > t["steps"]:
             problems.append(("max_duration", cfg.max_duration, f"at most {t['steps']} steps (the plan's length)"))
     if problems:
+        order = {name for name, _, _ in order_settings(cfg, manifest)}
+        why = (" (these fields decide which instances each step reads; the build's plan holds only for the values "
+               "it was made for, as in its olmo-data.yaml)") if order & {name for name, _, _ in problems} else ""
         raise ConfigError("; ".join(f"{name} is {got!r} in {config_path}, the build {build_dir} needs {want!r}"
-                                    for name, got, want in problems))
+                                    for name, got, want in problems) + why)
     cfg.data.paths = [str((Path(build_dir) / f["path"]).resolve()) for f in manifest["outputs"]]
     cfg.data.memmap_dtype = manifest["dtype"]
     cfg.data.datasets = None

@@ -84,9 +84,10 @@ def test_verify_passes_on_builds(tmp_path, corpus_dir, capsys, name):
     assert f"batches checked: {steps} of {steps}" in out
 
 
-def test_document_boundary_keeps_every_dolma_token_in_order(tmp_path, corpus_dir):
+def test_sequence_start_insert_keeps_every_dolma_token_in_order(tmp_path, corpus_dir):
     code, base = build(tmp_path, corpus_dir, "base", sequence_length=64)
-    code, out_dir = build(tmp_path, corpus_dir, **COMBINATIONS["docboundary-burst-poisson-window"])
+    code, out_dir = build(tmp_path, corpus_dir, **{**COMBINATIONS["docboundary-burst-poisson-window"],
+                                                   "placement": "sequence-start-insert"})
     assert code == 0
     read = lambda d: np.concatenate([np.fromfile(p, dtype=np.uint16) for p in sorted((d / "data").glob("*.npy"))])
     stream, plain = read(out_dir), read(base)
