@@ -235,7 +235,7 @@ class SpacePool:
         out, got, t = [], 0, 0
         n = min(n, self.part_sizes[part])
         while got < n:
-            chunk = np.arange(t, min(t + CHUNK, self.part_classes(part)))
+            chunk = np.arange(t, min(t + min(CHUNK, n - got), self.part_classes(part)))  # a class has >= 1 member
             _, items = self.classes.class_members(self.shuffle.at(self.part_ranks(part, chunk)))
             out.append(items[: n - got])
             got += len(out[-1])

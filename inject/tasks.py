@@ -150,6 +150,10 @@ class Task(EachInstanceItsOwnClass):
         """Answer strings for ranked choice (text encoding), in a fixed order."""
         raise NotImplementedError
 
+    def answer_text(self, instance: tuple[int, ...]) -> str:
+        """The right candidate's string."""
+        return self.candidates(instance)[self.answer(instance)]
+
     def unseen_templates(self) -> list[str]:
         """Phrasings for evaluation that no default training template uses: they separate the rule from
         the format (a model that learned the rule answers them too)."""
@@ -385,6 +389,9 @@ class ModularAddition(Task):
     def candidates(self, instance) -> list[str]:
         return [str(r) for r in range(self.modulus)]
 
+    def answer_text(self, instance) -> str:
+        return str(self.answer(instance))  # without listing every candidate
+
     def numbers(self) -> range:
         return range(self.modulus)
 
@@ -437,7 +444,7 @@ def render_text(task: Task, instance: tuple[int, ...], template: str) -> tuple[s
     values["p"] = getattr(task, "modulus", "")
     head = template[: -len("{answer}")]
     prompt = head.format(**values)
-    answer = task.candidates(instance)[task.answer(instance)]
+    answer = task.answer_text(instance)
     if prompt.endswith(" "):
         prompt, answer = prompt[:-1], " " + answer
     return prompt, answer
@@ -465,6 +472,6 @@ def parse_text(task: Task, text: str, patterns: list[re.Pattern]) -> tuple[tuple
             instance = tuple(int(m.group(FIELDS[i])) for i in range(n))
             if task.index(instance) is None:
                 return None
-            correct = m.group("answer") == task.candidates(instance)[task.answer(instance)]
+            correct = m.group("answer") == task.answer_text(instance)
             return instance, t, correct
     return None
