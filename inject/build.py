@@ -13,6 +13,7 @@ finished exists before the build is. Rerunning an interrupted build reuses its f
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -34,9 +35,9 @@ from . import tokenizer as tok
 from .config import BuildConfig, order_fields
 from .configtools import to_dict
 from .errors import InjectError
-from .sources import FileStats, Problem, check_token_ids, expand_inputs, iter_dolma_texts, open_token_file, source_kind
+from .sources import (MANIFEST, FileStats, Problem, check_token_ids, entry_path, expand_inputs, iter_dolma_texts,
+                      open_token_file, source_kind)
 
-MANIFEST = "manifest.json"
 DATA_BLOCK = "olmo-data.yaml"
 PROBLEMS = "problems.jsonl"
 WORK = ".work"
@@ -49,6 +50,8 @@ MAX_PROBLEMS_LISTED = 1000  # per input file; all are counted
 @dataclass(frozen=True)
 class TokenizeJob:
     index: int
+    key: str
+    """Names the input's cache and marker: the same path (as given and real) always gets the same key."""
     path: str
     work_dir: str
     tokenizer: str
@@ -58,22 +61,45 @@ class TokenizeJob:
     strict: bool
 
 
-def _marker(work_dir: Path, index: int) -> Path:
-    return work_dir / f"input-{index:05d}.done.json"
+def _marker(work_dir: Path, key: str) -> Path:
+    return work_dir / f"input-{key}.done.json"
 
 
-def _cache(work_dir: Path, index: int) -> Path:
-    return work_dir / f"input-{index:05d}.tokens"
+def _cache(work_dir: Path, key: str) -> Path:
+    return work_dir / f"input-{key}.tokens"
+
+
+def input_key(path: Path) -> str:
+    """Caches are found by input, not by position: a shard added or removed shifts positions."""
+    return hashlib.sha256(f"{path}\0{os.path.realpath(path)}".encode()).hexdigest()[:24]
+
+
+def input_identity(path: Path) -> dict:
+    """What a finished cache must match to be reused: the real file, its size and mtime, and a hash of its first
+    and last 64 KiB (cheap; a rewrite that keeps size and mtime and changes only the middle goes unseen)."""
+    stat = os.stat(path)
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        sha.update(f.read(1 << 16))
+        if stat.st_size > 1 << 17:
+            f.seek(-(1 << 16), os.SEEK_END)
+        sha.update(f.read(1 << 16))
+    return {"real_path": os.path.realpath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "head_tail_sha256": sha.hexdigest()}
 
 
 def tokenize_input(job: TokenizeJob) -> dict:
     """Tokenize one input into its cache; returns (and writes, last) its completion record."""
     path, work_dir = Path(job.path), Path(job.work_dir)
+    identity = input_identity(path)
     if source_kind(path) == "tokens":
         record = _check_token_file(job, path)
     else:
         record = _tokenize_dolma(job, path, work_dir)
-    marker = _marker(work_dir, job.index)
+    if input_identity(path) != identity:
+        raise InjectError(f"{path}: changed while it was read; rerun when the inputs are no longer written to")
+    record["identity"] = identity
+    marker = _marker(work_dir, job.key)
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     tmp.replace(marker)
@@ -92,7 +118,7 @@ def _tokenize_dolma(job: TokenizeJob, path: Path, work_dir: Path) -> dict:
             problems.append(problem)
 
     stats = FileStats()
-    cache = _cache(work_dir, job.index)
+    cache = _cache(work_dir, job.key)
     documents = tokens = eos_in_text = 0
     eos = tok.get_spec(job.tokenizer).eos_token_id
     with open(cache.with_suffix(".tmp"), "wb") as out:
@@ -163,21 +189,22 @@ def tokenize_all(config: BuildConfig, files: list[Path], work_dir: Path, part: t
     """Stage 1 over every input (or, with `part=(k, n)`, the inputs i with i % n == k), reusing completed
     caches; records in input order."""
     jobs = [
-        TokenizeJob(i, str(p), str(work_dir), config.tokenizer, config.token_dtype,
+        TokenizeJob(i, input_key(p), str(p), str(work_dir), config.tokenizer, config.token_dtype,
                     config.input_dtype or config.token_dtype, config.batch_documents, config.strict)
         for i, p in enumerate(files) if part is None or i % part[1] == part[0]
     ]
     records: dict[int, dict] = {}
     for job in jobs:
-        marker = _marker(work_dir, job.index)
-        if marker.exists():
-            records[job.index] = json.loads(marker.read_text())
+        record = _finished_record(job, work_dir)
+        if record is not None:
+            records[job.index] = record
     todo = [j for j in jobs if j.index not in records]
     crash_after = int(os.environ.get("OLMO_INJECT_CRASH_AFTER_INPUTS", "-1"))  # test hook: simulate a kill
     bar = tqdm(total=len(jobs), initial=len(records), desc="tokenize", unit="file", disable=None)
     if config.workers > 1 and len(todo) > 1:
         context = multiprocessing.get_context("spawn")  # no fork after the tokenizer's threads started
-        with context.Pool(min(config.workers, len(todo)), initializer=_one_thread_per_worker) as pool:
+        with context.Pool(min(config.workers, len(todo)), initializer=_one_thread_per_worker,
+                          initargs=(os.getpid(),)) as pool:
             results = pool.imap_unordered(tokenize_input, todo)
             for record in results:
                 records[record["index"]] = record
@@ -192,9 +219,36 @@ def tokenize_all(config: BuildConfig, files: list[Path], work_dir: Path, part: t
     return [records[job.index] for job in jobs]
 
 
-def _one_thread_per_worker() -> None:
+def _finished_record(job: TokenizeJob, work_dir: Path) -> dict | None:
+    """The record of an input tokenized by an earlier (interrupted) run, if the input is still what it read."""
+    marker = _marker(work_dir, job.key)
+    if not marker.exists():
+        return None
+    record = json.loads(marker.read_text())
+    if record.get("identity") != input_identity(Path(job.path)):
+        print(f"{job.path}: changed since the interrupted build read it; tokenizing it again", file=sys.stderr)
+        marker.unlink()
+        return None
+    return {**record, "index": job.index}
+
+
+def _one_thread_per_worker(parent: int) -> None:
     # Each worker process is one unit of parallelism; the tokenizer's own thread pool would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # A worker whose parent is killed dies with it, instead of failing to send its result (BrokenPipe traces);
+    # Ctrl-C is the parent's to handle (it stops the pool), not every worker's to print.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(0)
 
 
 def _maybe_crash(crash_after: int, done: int) -> None:
@@ -378,9 +432,10 @@ def versions() -> dict:
     return found
 
 
-def summarize_inputs(records: list[dict]) -> tuple[dict, list[dict]]:
-    counts = Counter()
-    problems = []
+def summarize_inputs(records: list[dict], input_problems: list[Problem] = ()) -> tuple[dict, list[dict]]:
+    """Problem counts by kind and the problems listed, of the input list (`input_problems`) and of every input."""
+    counts = Counter(p.kind for p in input_problems)
+    problems = [p.__dict__ for p in input_problems]
     for r in records:
         counts.update(r["problem_counts"])
         problems.extend(r["problems"])
@@ -411,9 +466,9 @@ def data_block(config: BuildConfig, out_dir: Path, outputs: list[dict]) -> dict:
 
 
 def write_manifest(partial: Path, out_dir: Path, config: BuildConfig, records: list[dict], outputs: list[dict],
-                   extra: dict | None = None) -> dict:
+                   extra: dict | None = None, input_problems: list[Problem] = ()) -> dict:
     spec = tok.get_spec(config.tokenizer)
-    problem_counts, problems = summarize_inputs(records)
+    problem_counts, problems = summarize_inputs(records, input_problems)
     tokens = sum(f["tokens"] for f in outputs)
     instances = sum(f["instances"] for f in outputs)
     manifest = {
@@ -425,7 +480,7 @@ def write_manifest(partial: Path, out_dir: Path, config: BuildConfig, records: l
                       "vocab_size": tok.vocab_size(config.tokenizer), "olmo_identifier": spec.olmo_identifier},
         "dtype": config.token_dtype,
         "sequence_length": config.sequence_length,
-        "inputs": [{k: v for k, v in r.items() if k not in ("problems", "cache", "index")} for r in records],
+        "inputs": [{k: v for k, v in r.items() if k not in ("problems", "cache", "index", "identity")} for r in records],
         "outputs": outputs,
         "counts": {
             "input_files": len(records),
@@ -450,12 +505,80 @@ def write_manifest(partial: Path, out_dir: Path, config: BuildConfig, records: l
     return manifest
 
 
+def list_inputs(config: BuildConfig, out_dir: Path) -> tuple[list[Path], list[Problem]]:
+    """The input files of a build into `out_dir`, and the problems of the list itself (links that lead nowhere;
+    fatal with `strict`). Refused before anything is read or written: an output folder among the inputs."""
+    named = [entry_path(e, config.base_dir) for e in config.inputs]
+    check_output_apart(out_dir, [p for p in named if os.path.lexists(p)])  # before walking into it
+    problems: list[Problem] = []
+    files = expand_inputs(config.inputs, config.base_dir, problems)
+    check_output_apart(out_dir, files)
+    if problems and config.strict:
+        raise InjectError(f"{problems[0].file}: {problems[0].message} (--strict)")
+    return files, problems
+
+
+def check_output_apart(out_dir: Path, inputs: list[Path]) -> None:
+    """Refuse an output folder (or its OUT.partial) that is, holds or lies inside an input, by real path:
+    `--overwrite` would delete the input, and a rebuild would read its own output as input."""
+    for target in (out_dir, partial_dir(out_dir)):
+        real_target = Path(os.path.realpath(target))
+        for path in inputs:
+            real = Path(os.path.realpath(path))
+            if real_target == real:
+                how = "is"
+            elif real in real_target.parents:
+                how = "lies inside"
+            elif real_target in real.parents:
+                how = "holds"
+            else:
+                continue
+            shown = str(path) if str(real) == str(path) else f"{path} ({real})"
+            raise InjectError(f"--out: {real_target} {how} the input {shown}; an output folder must be apart from "
+                              "every input (--overwrite would delete the input, a rebuild would read its own output)")
+
+
+def estimate_space(config: BuildConfig, files: list[Path]) -> int:
+    """Rough bytes a build writes: its token files and, until it is done, a token cache per Dolma input. A Dolma
+    input's tokens are estimated as 1 per 4 bytes of text, compressed text as 4 times its size."""
+    itemsize = np.dtype(config.token_dtype).itemsize
+    input_itemsize = np.dtype(config.input_dtype or config.token_dtype).itemsize
+    total = 0
+    for path in files:
+        size = path.stat().st_size
+        if source_kind(path) == "tokens":
+            total += size // input_itemsize * itemsize
+        else:
+            text = size * (4 if str(path).lower().endswith((".gz", ".zst")) else 1)
+            total += 2 * (text // 4) * itemsize
+    return total
+
+
+def disk_full_error(error: OSError, config: BuildConfig, out_dir: Path) -> InjectError | None:
+    """A clear error for a full disk or quota while building into `out_dir` (None for any other error)."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    partial = partial_dir(out_dir.resolve())
+    files = expand_inputs(config.inputs, config.base_dir)
+    existing = next(p for p in (partial, *partial.parents) if p.exists())
+    written = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial.exists() else 0
+    return InjectError(
+        f"{partial}: {error.strerror} while writing the build; it needs about {_megabytes(estimate_space(config, files))} "
+        f"(estimated from the input sizes), {_megabytes(written)} written so far, "
+        f"{_megabytes(shutil.disk_usage(existing).free)} free there now. Free space or choose another --out, then "
+        "rerun the same command: the inputs already tokenized are kept")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.1f} GB"
+
+
 def run_build(config: BuildConfig, out_dir: Path, overwrite: bool = False) -> dict:
     """Build `config` into `out_dir`; returns the manifest. Inputs already tokenized by `tokenize_part` are reused."""
     from .place import prepare_injection, write_injected
 
-    files = expand_inputs(config.inputs, config.base_dir)
     out_dir = out_dir.resolve()
+    files, input_problems = list_inputs(config, out_dir)
     injection = prepare_injection(config) if config.tasks else None  # config errors before any work
     partial = prepare_output(config, out_dir, overwrite)
     work_dir = partial / WORK
@@ -466,7 +589,7 @@ def run_build(config: BuildConfig, out_dir: Path, overwrite: bool = False) -> di
         outputs, extra = write_base(config, stream, partial), None
     else:
         outputs, extra = write_injected(config, injection, stream, partial)
-    manifest = write_manifest(partial, out_dir, config, records, outputs, extra)
+    manifest = write_manifest(partial, out_dir, config, records, outputs, extra, input_problems)
     finalize(partial, out_dir)
     return manifest
 
@@ -476,7 +599,7 @@ def tokenize_part(config: BuildConfig, out_dir: Path, part: int, parts: int) -> 
     partial folder; `run_build` on the same config and folder then finishes the build."""
     if not 0 <= part < parts:
         raise InjectError(f"--part: {part}/{parts} is not a part of {parts} (expected K/N with 0 <= K < N)")
-    files = expand_inputs(config.inputs, config.base_dir)
+    files, _ = list_inputs(config, out_dir.resolve())  # the finishing run lists the input problems
     partial = prepare_output(config, out_dir.resolve(), overwrite=False, shared=True)
     return tokenize_all(config, files, partial / WORK, part=(part, parts))
 

@@ -228,9 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     except InjectError as e:
         print(f"olmo-inject {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's, not the program's: a full disk, a folder that may not be written, ...
+        print(f"olmo-inject {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"olmo-inject {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _os_error(e: OSError) -> str:
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"{paths}: {e.strerror or e}" if paths else str(e.strerror or e)
 
 
 def cmd_tokenizers(args) -> int:
@@ -249,32 +257,35 @@ def cmd_sample_corpus(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from .build import run_build
+    from .build import disk_full_error, list_inputs, run_build, tokenize_part
     from .config import load_build_config
-    from .sources import expand_inputs
 
     config = load_build_config(args.config, workers=args.workers, strict=args.strict)
     out = args.out or (config.base_dir / config.output if config.output else None)
     if out is None:
         raise InjectError("output: no output folder; give --out or set `output:` in the config")
+    out = Path(out)
     if args.dry_run:
-        files = expand_inputs(config.inputs, config.base_dir)
+        files, problems = list_inputs(config, out.resolve())
         size = sum(f.stat().st_size for f in files)
         print(f"{len(files)} input files, {size / 1e6:.1f} MB on disk; tokenizer {config.tokenizer}, "
               f"dtype {config.token_dtype}, sequence length {config.sequence_length}; output {out}")
         for f in files:
             print(f"  {f}")
+        for p in problems:
+            print(f"  problem: {p.file}: {p.message}")
         return 0
-    if args.part:
-        from .build import tokenize_part
-
-        part, parts = _parse_part(args.part)
-        records = tokenize_part(config, Path(out), part, parts)
-        print(f"part {part}/{parts}: {len(records)} inputs tokenized, {sum(r['tokens'] for r in records):,d} tokens; "
-              f"finish with the same command without --part")
-        return 0
-    manifest = run_build(config, Path(out), overwrite=args.overwrite)
-    _print_summary(Path(out), manifest)
+    try:
+        if args.part:
+            part, parts = _parse_part(args.part)
+            records = tokenize_part(config, out, part, parts)
+            print(f"part {part}/{parts}: {len(records)} inputs tokenized, {sum(r['tokens'] for r in records):,d} "
+                  f"tokens; finish with the same command without --part")
+            return 0
+        manifest = run_build(config, out, overwrite=args.overwrite)
+    except OSError as e:
+        raise disk_full_error(e, config, out) or e
+    _print_summary(out, manifest)
 
 
 def _parse_part(text: str) -> tuple[int, int]:

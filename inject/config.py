@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,32 @@ class ScheduleConfig:
 
     pieces: list[PieceConfig] = field(default_factory=list)
     """piecewise: rates by step range, in order."""
+
+    def validate(self, where: str, training: TrainingConfig) -> None:
+        kinds = ["even", "poisson", "bernoulli", "burst", "window", "piecewise"]
+        _one_of(f"{where}.kind", self.kind, kinds)
+        _check_rate(f"{where}.rate", self.rate)
+        if self.kind == "bernoulli" and self.rate > 1:
+            raise ConfigError(f"{where}.rate: bernoulli needs a rate <= 1, got {self.rate}")
+        if self.kind == "burst" and (self.burst_size < 1 or self.burst_every < 1):
+            raise ConfigError(f"{where}: burst needs burst_size >= 1 and burst_every >= 1")
+        if self.kind == "piecewise":
+            if not self.pieces:
+                raise ConfigError(f"{where}.pieces: piecewise needs at least one piece")
+            for i, piece in enumerate(self.pieces):
+                _check_rate(f"{where}.pieces[{i}].rate", piece.rate)
+            untils = [p.until for p in self.pieces]
+            if untils != sorted(untils):
+                raise ConfigError(f"{where}.pieces: `until` must increase, got {untils}")
+        stop = self.stop if self.stop is not None else training.steps
+        if not 1 <= self.start <= stop:
+            raise ConfigError(f"{where}: need 1 <= start <= stop, got start={self.start} stop={stop}")
+
+
+def _check_rate(where: str, rate: float) -> None:
+    # YAML's .nan and .inf are floats: `rate < 0` lets NaN through, and both break the integer counts later.
+    if not math.isfinite(rate) or rate < 0:
+        raise ConfigError(f"{where}: expected a finite number of examples per batch >= 0, got {rate}")
 
 
 @dataclass
@@ -297,21 +324,4 @@ def _validate_task(task: TaskConfig, where: str, training: TrainingConfig) -> No
             continue
         if (isinstance(value, float) and not 0 < value < 1) or (isinstance(value, int) and value < 1):
             raise ConfigError(f"{where}.pool.{key}: expected a fraction 0 < x < 1 or a whole count >= 1, got {value}")
-    s = task.schedule
-    kinds = ["even", "poisson", "bernoulli", "burst", "window", "piecewise"]
-    _one_of(f"{where}.schedule.kind", s.kind, kinds)
-    if s.rate < 0:
-        raise ConfigError(f"{where}.schedule.rate: must be >= 0, got {s.rate}")
-    if s.kind == "bernoulli" and s.rate > 1:
-        raise ConfigError(f"{where}.schedule.rate: bernoulli needs a rate <= 1, got {s.rate}")
-    if s.kind == "burst" and (s.burst_size < 1 or s.burst_every < 1):
-        raise ConfigError(f"{where}.schedule: burst needs burst_size >= 1 and burst_every >= 1")
-    if s.kind == "piecewise":
-        if not s.pieces:
-            raise ConfigError(f"{where}.schedule.pieces: piecewise needs at least one piece")
-        untils = [p.until for p in s.pieces]
-        if untils != sorted(untils) or any(p.rate < 0 for p in s.pieces):
-            raise ConfigError(f"{where}.schedule.pieces: `until` must increase and rates be >= 0, got {untils}")
-    stop = s.stop if s.stop is not None else training.steps
-    if not 1 <= s.start <= stop:
-        raise ConfigError(f"{where}.schedule: need 1 <= start <= stop, got start={s.start} stop={stop}")
+    task.schedule.validate(f"{where}.schedule", training)

@@ -19,11 +19,39 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first_line: int):
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last value, silently).
+    Merge keys (`<<: *anchor`) keep their meaning: the mapping's own keys override the merged ones."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in lines:
+                        raise _DuplicateKey(key, key_node.start_mark.line + 1, lines[key])
+                    lines[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    break
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: line {e.line}: key {e.key!r} given twice in one mapping (first on line "
+                          f"{e.first_line}); YAML would keep only the last value") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -32,6 +32,8 @@ TOKEN_SUFFIXES = (".npy", ".bin")
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 NUMPY_MAGIC = b"\x93NUMPY"
+MANIFEST = "manifest.json"  # what marks a folder as an olmo-inject build (inject.build writes it last)
+LINE_CHUNK = 1 << 16  # decompressed bytes per read: a damaged stream loses at most the lines of one read
 
 
 @dataclass(frozen=True)
@@ -53,26 +55,90 @@ def source_kind(path: str | Path) -> str:
     raise ConfigError(f"inputs: {path}: unknown file type; expected one of {DOLMA_SUFFIXES + TOKEN_SUFFIXES}")
 
 
-def expand_inputs(entries: list[str], base_dir: Path | None = None) -> list[Path]:
-    """Files named by each entry (a file, a directory searched recursively, or a glob), in a stable order."""
+def expand_inputs(entries: list[str], base_dir: Path | None = None, problems: list[Problem] | None = None) -> list[Path]:
+    """Files named by each entry (a file, a directory searched recursively, or a glob), in a stable order.
+
+    Refused: a file reached twice (compared by real path, so through a link or `d/../d/f` too), and a folder
+    of inputs that holds an olmo-inject build (its files are outputs; named explicitly, e.g. `build/data/*.npy`,
+    its token files are a legitimate source). Links inside a folder or glob that lead to no file are not
+    read; each is appended to `problems` (when given) as a `dangling_link`.
+    """
     files: list[Path] = []
     for entry in entries:
-        pattern = Path(entry) if base_dir is None or os.path.isabs(entry) else base_dir / entry
+        pattern = entry_path(entry, base_dir)
         if pattern.is_dir():
-            found = sorted(p for p in pattern.rglob("*") if p.is_file() and p.name.lower().endswith(DOLMA_SUFFIXES + TOKEN_SUFFIXES))
+            found = _walk(pattern, problems)
         elif pattern.is_file():
             found = [pattern]
+        elif pattern.is_symlink():
+            raise ConfigError(f"inputs: {entry!r} is a link to {os.readlink(pattern)!r}, which leads to no file")
         else:
-            found = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if os.path.isfile(p))
+            matches = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True))
+            found = [p for p in matches if p.is_file()]
+            _note_dangling([p for p in matches if p.is_symlink() and not p.exists()], problems)
         if not found:
             raise ConfigError(f"inputs: {entry!r} matches no input file")
         for path in found:
             source_kind(path)
+            if _is_build(path.parent) or (path.parent.name == ".work" and _is_build(path.parent.parent)):
+                raise ConfigError(f"inputs: {path} is a file of the olmo-inject build {path.parent}, an output; "
+                                  "only its token files (data/*.npy) may be an input")
         files.extend(found)
-    duplicates = {str(p) for p in files if files.count(p) > 1}
-    if duplicates:
-        raise ConfigError(f"inputs: files listed more than once: {sorted(duplicates)}")
+    _refuse_same_file_twice(files)
     return files
+
+
+def entry_path(entry: str, base_dir: Path | None = None) -> Path:
+    """An `inputs` entry as a path: relative entries are relative to `base_dir` (the config file's folder)."""
+    return Path(entry) if base_dir is None or os.path.isabs(entry) else base_dir / entry
+
+
+def _walk(folder: Path, problems: list[Problem] | None) -> list[Path]:
+    """Input files under `folder`, recursively (links to folders are not followed, as `Path.rglob` does not)."""
+    found = []
+    for root, _, names in os.walk(folder):
+        if _is_build(Path(root)):
+            raise ConfigError(
+                f"inputs: {root} is an olmo-inject build ({MANIFEST} or .work/) inside the input folder {folder}: "
+                f"a build is an output and is never read as an input; move it out of {folder}, or name its token "
+                f"files explicitly ({root}/data/*.npy)")
+        for name in names:
+            path = Path(root) / name
+            if not name.lower().endswith(DOLMA_SUFFIXES + TOKEN_SUFFIXES):
+                continue
+            if path.is_file():
+                found.append(path)
+            else:
+                _note_dangling([path], problems)
+    return sorted(found)
+
+
+def _is_build(folder: Path) -> bool:
+    """A finished olmo-inject build (its manifest) or an unfinished one (`OUT.partial/.work`)."""
+    if folder.name.endswith(".partial") and (folder / ".work").is_dir():
+        return True
+    try:
+        with open(folder / MANIFEST, "rb") as f:
+            return b'"format": "olmo-inject/' in f.read(256)
+    except OSError:
+        return False
+
+
+def _note_dangling(links: list[Path], problems: list[Problem] | None) -> None:
+    for link in links:
+        if problems is not None:
+            problems.append(Problem(str(link), 0, "dangling_link",
+                                    f"link to {os.readlink(link)!r}, which leads to no file; not read"))
+
+
+def _refuse_same_file_twice(files: list[Path]) -> None:
+    first: dict[str, Path] = {}
+    for path in files:
+        real = os.path.realpath(path)
+        if real in first:
+            twice = f"{path} is listed twice" if first[real] == path else f"{first[real]} and {path} are the same file {real}"
+            raise ConfigError(f"inputs: {twice}; each input file must be read once: list it once")
+        first[real] = path
 
 
 class HashingReader(io.RawIOBase):
@@ -99,14 +165,15 @@ class HashingReader(io.RawIOBase):
             pass
 
 
-def _decompressed(path: Path, hashing: HashingReader) -> tuple[io.BufferedReader, str]:
+def _decompressed(path: Path, hashing: HashingReader):
+    """A stream of the file's decompressed bytes with `read1` (one underlying read a call), and its compression."""
     with open(path, "rb") as f:
         head = f.read(4)
     buffered = io.BufferedReader(hashing, buffer_size=1 << 20)
     if head.startswith(GZIP_MAGIC):
-        return io.BufferedReader(gzip.GzipFile(fileobj=buffered, mode="rb"), buffer_size=1 << 20), "gzip"
+        return gzip.GzipFile(fileobj=buffered, mode="rb"), "gzip"
     if head.startswith(ZSTD_MAGIC):
-        return io.BufferedReader(_ZstdReader(buffered), buffer_size=1 << 20), "zstd"
+        return io.BufferedReader(_ZstdReader(buffered), buffer_size=LINE_CHUNK), "zstd"
     return buffered, "plain"
 
 
@@ -125,7 +192,7 @@ class _ZstdReader(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         while not self.pending:
-            chunk = self.raw.read(1 << 20)
+            chunk = self.raw.read(LINE_CHUNK)
             if not chunk:
                 if self.in_frame:
                     raise zstandard.ZstdError("stream ends inside a frame (truncated file)")
@@ -178,14 +245,31 @@ def iter_dolma_texts(
 
 
 def _lines(stream, path: Path, compression: str) -> Iterator[bytes]:
+    """The file's lines (without the newline). Read in small pieces and yielded as they come, so that when
+    the stream turns out damaged every line decoded before the damage has been seen and is counted."""
     line_no = 0
-    try:
-        for line_no, raw in enumerate(stream, start=1):
-            yield raw
-    except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
-        raise InjectError(
-            f"{path}: corrupt or truncated {compression} stream after line {line_no}: {e}"
-        ) from None
+    unfinished: list[bytes] = []  # the pieces of a line that spans reads
+    while True:
+        try:
+            chunk = stream.read1(LINE_CHUNK)
+        except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
+            raise InjectError(
+                f"{path}: corrupt or truncated {compression} stream after line {line_no}: {e}"
+            ) from None
+        if not chunk:
+            break
+        pieces = chunk.split(b"\n")
+        if len(pieces) == 1:
+            unfinished.append(chunk)
+            continue
+        unfinished.append(pieces[0])
+        pieces[0] = b"".join(unfinished)
+        unfinished = [pieces.pop()]
+        for line in pieces:
+            line_no += 1
+            yield line
+    if any(unfinished):
+        yield b"".join(unfinished)
 
 
 def _parse_record(raw: bytes, path: Path, line_no: int, on_problem: Callable[[Problem], None]) -> str | None:
@@ -214,6 +298,13 @@ def _parse_record(raw: bytes, path: Path, line_no: int, on_problem: Callable[[Pr
     if not text:
         on_problem(Problem(str(path), line_no, "empty_text", "'text' is empty"))
         return None
+    if "\\u" in line:  # the bytes were UTF-8, so only a JSON escape can have made a lone surrogate
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            on_problem(Problem(str(path), line_no, "invalid_unicode", f"'text' holds a lone surrogate "
+                               f"\\u{ord(text[e.start]):04x} at character {e.start}: not text UTF-8 can encode"))
+            return None
     return text
 
 

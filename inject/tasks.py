@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .configtools import from_dict
 from .errors import ConfigError
 
 MAX_SPACE = 1 << 62
@@ -50,10 +51,8 @@ def register(name: str):
 def make_task(kind: str, params: dict, where: str) -> "Task":
     if kind not in TASKS:
         raise ConfigError(f"{where}.task: unknown task {kind!r}; expected one of {sorted(TASKS)}")
-    try:
-        return TASKS[kind](**params)
-    except TypeError as e:
-        raise ConfigError(f"{where}.params: {e}") from None
+    try:  # typed like the config: a wrong type or unknown key is named (`digits: "3"`)
+        return from_dict(TASKS[kind], params, f"{where}.params")
     except ValueError as e:
         raise ConfigError(f"{where}.params: {e}") from None
 

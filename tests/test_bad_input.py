@@ -56,6 +56,7 @@ BAD_RECORDS = [
     (b'{"id": "x", "text": 42}\n', "non_string_text", "'text' is int"),
     (b'{"id": "x", "text": "caf\xe9"}\n', "invalid_utf8", "not UTF-8"),
     (b'[1, 2]\n', "invalid_json", "expected a JSON object"),
+    (b'{"id": "x", "text": "half a pair \\ud800 here"}\n', "invalid_unicode", "lone surrogate \\ud800"),
 ]
 
 
