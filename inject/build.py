@@ -3,7 +3,8 @@
 Two stages, so that a build is resumable and its bytes do not depend on the number of workers:
 
 1. *tokenize*: each input file becomes a token cache in the work folder (a pure function of that file),
-   marked complete by a small JSON file written last. Parallel over files; skipped when already marked.
+   marked complete by a small JSON file written last, named after the input's path (not its position).
+   Parallel over files; skipped when marked and the file is unchanged (`input_identity`).
 2. *write*: the caches, in input order, are streamed into output files of `instances_per_file`
    instances each. Cheap (I/O only); always redone.
 

@@ -14,8 +14,16 @@ from conftest import docs, make_texts, run_cli, write_config, write_shard
 def build(tmp_path, capsys, *extra, **config):
     config.setdefault("sequence_length", 16)
     cfg = write_config(tmp_path / "b.yaml", **config)
+    before = inputs(tmp_path)
     code = run_cli("build", cfg, "--out", tmp_path / "out", *extra)
+    assert inputs(tmp_path) == before  # whatever happened, every input is byte-identical
     return code, capsys.readouterr().err
+
+
+def inputs(tmp_path) -> dict:
+    """Every file but the build's own (out/, out.partial/), with its bytes."""
+    return {p: p.read_bytes() for p in tmp_path.rglob("*")
+            if p.is_file() and not {"out", "out.partial"} & set(p.relative_to(tmp_path).parts)}
 
 
 def assert_failed(tmp_path, code, err, *fragments):
