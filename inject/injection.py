@@ -120,8 +120,6 @@ class Encoder:
 # pseudorandom order without materializing them (`Shuffle`); held-out classes come first, then the seen pool,
 # dealt round robin to the space's parts (one per task, or one per `share` group).
 
-SPLITS = ["symmetric", "ordered"]
-
 MAX_RECORDED_POOL = 1 << 24
 """Largest held-out pool, in instances: it is written whole to pools.npz and read whole by verify and eval.
 A seen pool above it is not written (its size and definition are in the manifest)."""

@@ -34,7 +34,7 @@ from .errors import ConfigError
 MAX_SPACE = 1 << 62
 """Largest instance space: instance and class ids are int64."""
 
-MAX_LISTED_IRREGULAR = 1 << 24
+MAX_LISTED_IRREGULAR = 1 << 22
 
 TASKS: dict[str, type["Task"]] = {}
 

@@ -94,7 +94,7 @@ class BuildView:
     encoders: list[Encoder]
     space_of_spec: list[str]
     held_items: dict          # space -> held-out instance ids (the union over its tasks' pools), ascending
-    held_classes: dict        # space -> classes (under the task's symmetry) with a held-out member, ascending
+    held_classes: dict        # space -> classes (under the task's symmetry) with a held-out member, ascending (lazy)
     group_of_spec: list[int]
     group_names: list[str]
     counts: np.ndarray       # [steps, specs] planned counts
@@ -110,11 +110,9 @@ class BuildView:
         pools = np.load(Path(build_dir) / POOLS_FILE)
         tasks = manifest["injection"]["tasks"]
         spaces = [t.get("space") or task_space(e.task) for t, e in zip(tasks, encoders)]
-        held_items, held_classes = {}, {}
+        held_items = {}
         for i, space in enumerate(spaces):
             held_items[space] = np.union1d(held_items.get(space, np.zeros(0, np.int64)), pools[f"held_out_{i}"])
-        for i, space in enumerate(spaces):
-            held_classes.setdefault(space, np.unique(encoders[i].task.class_of(held_items[space])))
         signatures, group_of_spec, names = [], [], []
         for c in configs:
             sig = json.dumps([c.task, c.params, c.encoding, c.templates, c.number_tokens, c.token_offset], sort_keys=True)
@@ -125,7 +123,7 @@ class BuildView:
                 names[signatures.index(sig)] += "+" + c.name
             group_of_spec.append(signatures.index(sig))
         counts = np.load(Path(build_dir) / PLAN_FILE)["counts"]
-        return cls(Path(build_dir), manifest, encoders, spaces, held_items, held_classes, group_of_spec, names, counts)
+        return cls(Path(build_dir), manifest, encoders, spaces, held_items, {}, group_of_spec, names, counts)
 
     def split_of(self, spec: int) -> str:
         """The task's split; builds from before `split` existed split by instance (`ordered`)."""
@@ -137,7 +135,10 @@ class BuildView:
 
     def twin_held(self, spec: int, items) -> np.ndarray:
         """Whether each instance's symmetry class has a held-out member (itself or a twin)."""
-        return _member(self.held_classes[self.space_of_spec[spec]], self.encoders[spec].task.class_of(items))
+        space, task = self.space_of_spec[spec], self.encoders[spec].task
+        if space not in self.held_classes:
+            self.held_classes[space] = np.unique(task.class_of(self.held_items[space]))
+        return _member(self.held_classes[space], task.class_of(items))
 
     def held_twin(self, spec: int, item: int) -> int | None:
         """A held-out member of the item's class other than itself, if any."""

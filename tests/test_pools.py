@@ -178,6 +178,17 @@ def test_huge_spaces_are_split_and_drawn_without_materializing_them():
         assert not drawn[0] & drawn[1] and not (drawn[0] | drawn[1]) & set(x.task.class_of(x.held_out).tolist())
 
 
+def test_plan_of_a_five_digit_comparison_with_a_held_out_count(tmp_path, capsys):
+    config = {"inputs": ["c.jsonl"], "training": {"global_batch_size": 8, "steps": 10},
+              "tasks": [{"name": "c5", "task": "comparison", "params": {"digits": 5}, "pool": {"held_out": 1000},
+                         "schedule": {"kind": "even", "rate": 1}}]}
+    write_shard(tmp_path / "c.jsonl", docs(make_texts(3)))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    codes = []
+    assert peak_memory(lambda: codes.append(run_cli("plan", tmp_path / "p.yaml"))) < 64 << 20 and codes == [0]
+    assert f"{90000 * 89999 - 1000:,}" in capsys.readouterr().out  # the seen pool: every pair not held out
+
+
 @pytest.mark.parametrize("task,message", [
     ({"task": "comparison", "params": {"digits": 5}},
      "tasks[0].pool.held_out: 0.1 of comparison, 5 digits is 809,991,000 instances; a held-out pool is recorded whole"),
