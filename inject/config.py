@@ -12,6 +12,7 @@ import numpy as np
 from . import tokenizer as tok
 from .configtools import from_dict, load_yaml
 from .errors import ConfigError
+from .order import TRAINERS
 
 PLACEMENTS = ("sequence-start", "sequence-start-insert", "document-boundary")
 """Where injected examples go inside their instance; the BuildConfig.placement docstring says what each means."""
@@ -19,26 +20,80 @@ PLACEMENTS = ("sequence-start", "sequence-start-insert", "document-boundary")
 
 @dataclass
 class TrainingConfig:
-    """The OLMo training settings that fix the data order. They must equal the TrainConfig's."""
+    """The training settings that fix the data order. They must equal the training run's.
 
-    global_batch_size: int
-    """OLMo's `global_train_batch_size`, in instances (sequences)."""
+    `trainer` picks whose order the build targets: ai2-olmo 0.6.0 (the default; its TrainConfig field names
+    below) or OLMo-core 3.0.0 (`olmo-core`; batch size in tokens, first epoch 1; inject/order.py says how the
+    two orders differ). Placement, schedules, pools and the ledger work on global batch positions either way."""
 
-    steps: int
+    global_batch_size: int | None = None
+    """Instances (sequences) per global batch. ai2-olmo: its `global_train_batch_size`, required. olmo-core:
+    leave it out; it is set to global_batch_size_tokens // sequence_length (a value given must equal that)."""
+
+    steps: int = field(kw_only=True)
     """Training steps the plan covers; examples are placed in batches 1..steps."""
 
     seed: int = 6198
-    """OLMo's `data.seed`, or `seed` when `data.seed` is unset (OLMo's default seed is 6198)."""
+    """The shuffle seed: ai2-olmo's `data.seed` (or `seed` when `data.seed` is unset; its default is 6198);
+    OLMo-core's data loader `seed`."""
 
     drop_last: bool = False
-    """OLMo's `data.drop_last`."""
+    """ai2-olmo's `data.drop_last`. OLMo-core always drops the incomplete last batch: leave it false there."""
 
-    def validate(self, where: str = "training") -> None:
+    trainer: str = "ai2-olmo"
+    """Whose data order the build targets: `ai2-olmo` (ai2-olmo 0.6.0) or `olmo-core` (OLMo-core 3.0.0)."""
+
+    global_batch_size_tokens: int | None = None
+    """olmo-core: the data loader's `global_batch_size`, in tokens, a multiple of sequence_length. Required
+    there; not an ai2-olmo setting."""
+
+    max_target_sequence_length: int | None = None
+    """olmo-core: the dataset's `max_target_sequence_length`, when the run sets it: a multiple c of
+    sequence_length; OLMo-core then shuffles groups of c consecutive instances and drops each file's instances
+    past a multiple of c (so instances_per_file must be a multiple of c). Not an ai2-olmo setting."""
+
+    def instance_group(self, sequence_length: int) -> int:
+        """Consecutive instances OLMo-core's shuffle keeps together (1 for ai2-olmo or no max_target_sequence_length)."""
+        if self.trainer != "olmo-core" or self.max_target_sequence_length is None:
+            return 1
+        return self.max_target_sequence_length // sequence_length
+
+    def validate(self, where: str = "training", sequence_length: int | None = None) -> None:
+        _one_of(f"{where}.trainer", self.trainer, list(TRAINERS))
+        if self.trainer == "olmo-core":
+            self._validate_olmo_core(where, sequence_length)
+        else:
+            for name in ("global_batch_size_tokens", "max_target_sequence_length"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{where}.{name}: an OLMo-core setting; set {where}.trainer: olmo-core, or leave it "
+                                      f"out (ai2-olmo's batch size is {where}.global_batch_size, in instances)")
+            if self.global_batch_size is None:
+                raise ConfigError(f"{where}.global_batch_size: required (ai2-olmo's global_train_batch_size, in instances)")
         for name in ("global_batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
+
+    def _validate_olmo_core(self, where: str, L: int | None) -> None:
+        if L is None:
+            raise ValueError("an olmo-core TrainingConfig is validated with the build's sequence_length")
+        tokens = self.global_batch_size_tokens
+        if tokens is None:
+            raise ConfigError(f"{where}.global_batch_size_tokens: required with trainer olmo-core (the data loader's "
+                              f"global_batch_size, in tokens)")
+        if tokens < L or tokens % L:
+            raise ConfigError(f"{where}.global_batch_size_tokens: {tokens} is not a positive multiple of sequence_length {L}")
+        if self.global_batch_size is not None and self.global_batch_size != tokens // L:
+            raise ConfigError(f"{where}.global_batch_size: {self.global_batch_size} instances, but global_batch_size_tokens "
+                              f"{tokens} / sequence_length {L} = {tokens // L}; leave it out with trainer olmo-core")
+        self.global_batch_size = tokens // L
+        if self.drop_last:
+            raise ConfigError(f"{where}.drop_last: an ai2-olmo setting; OLMo-core always drops the incomplete last batch")
+        target = self.max_target_sequence_length
+        if target is not None and (target < L or target % L):
+            raise ConfigError(f"{where}.max_target_sequence_length: {target} is not a positive multiple of "
+                              f"sequence_length {L}")
 
 
 def order_fields(sequence_length: int, training: dict | None) -> dict[str, Any]:
@@ -46,7 +101,14 @@ def order_fields(sequence_length: int, training: dict | None) -> dict[str, Any]:
     value a build needs (`training`: a TrainingConfig as a dict; None for a build without injection).
 
     The one list of them: `olmo-data.yaml` carries them, `train` and `verify --train-config` refuse a config
-    whose values differ (`epoch` also when unset, `fast_forward_batches` also when 0: the same order)."""
+    whose values differ (`epoch` also when unset, `fast_forward_batches` also when 0: the same order). For a build
+    made for OLMo-core (`trainer: olmo-core`) they are OLMo-core's dataset and data loader fields instead."""
+    if training is not None and training.get("trainer", "ai2-olmo") == "olmo-core":
+        # OLMo-core 3.0.0's config names (NumpyFSLDatasetConfig, NumpyDataLoaderConfig); `train` runs ai2-olmo only
+        return {"dataset.sequence_length": sequence_length,
+                "dataset.max_target_sequence_length": training["max_target_sequence_length"],
+                "data_loader.global_batch_size": training["global_batch_size_tokens"],
+                "data_loader.seed": training["seed"]}
     fields: dict[str, Any] = {"model.max_sequence_length": sequence_length}
     if training is not None:
         fields.update({
@@ -278,7 +340,12 @@ class BuildConfig:
         if self.tasks and self.training is None:
             raise ConfigError("training: required when tasks are given (global_batch_size, steps, seed)")
         if self.training is not None:
-            self.training.validate()
+            self.training.validate(sequence_length=self.sequence_length)
+            group = self.training.instance_group(self.sequence_length)
+            if self.instances_per_file % group:
+                raise ConfigError(f"instances_per_file: {self.instances_per_file} is not a multiple of "
+                                  f"training.max_target_sequence_length / sequence_length = {group} (OLMo-core chunks "
+                                  f"each file into whole groups of {group} instances)")
         names = [t.name for t in self.tasks]
         for i, task in enumerate(self.tasks):
             if names.count(task.name) > 1:

@@ -8,7 +8,8 @@ Everything here is decided before a token is written, from the config and the nu
              spread over the batch; the instance is OLMo's order[b*B + slot]
   blocks     an instance that holds examples starts with EOS, then each example followed by EOS
 
-OLMo's order comes from ai2-olmo's own `IterableDataset._build_global_indices` (PCG64(seed + epoch)).
+The order is the target trainer's (ai2-olmo 0.6.0 or OLMo-core 3.0.0), computed by inject/order.py without
+importing either trainer (tests compare it with both trainers' own code).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from fractions import Fraction
 import numpy as np
 
 from . import tokenizer as tok
-from .config import BuildConfig, PoolConfig, ScheduleConfig, TaskConfig
+from .config import BuildConfig, PoolConfig, ScheduleConfig, TaskConfig, TrainingConfig
 from .errors import ConfigError, InjectError
+from .order import FIRST_EPOCH, ai2_olmo_order, olmo_core_num_instances, olmo_core_order
 from .tasks import EachInstanceItsOwnClass, Singletons, Task, check_template, make_task, parse_text, render_text, template_regex, templates_for
 
 MAX_NUMBER_TOKENS = 1 << 20
@@ -631,23 +633,42 @@ def _check_capacity(config: BuildConfig, plan: Plan, counts: np.ndarray) -> None
 
 
 def olmo_order(num_instances: int, batch_size: int, seed: int, drop_last: bool) -> np.ndarray:
-    """The global instance order of epoch 0, computed by ai2-olmo's own IterableDataset code."""
-    from olmo.data.iterable_dataset import IterableDataset
+    """ai2-olmo 0.6.0's global instance order of epoch 0 (one rank), as its IterableDataset builds it."""
+    return ai2_olmo_order(num_instances, seed, drop_last, epoch=FIRST_EPOCH["ai2-olmo"])
 
-    dataset = IterableDataset(range(num_instances), batch_size, seed=seed, epoch=0, shuffle=True,
-                              drop_last=drop_last, world_size=1, rank=0, fs_local_rank=0)
-    return dataset._build_global_indices()
+
+def trainer_instances(training: TrainingConfig, num_instances: int, sequence_length: int) -> int:
+    """Instances the target trainer's dataset finds in a build of `num_instances` instances (files of
+    `instances_per_file` whole instances, checked to be whole groups by BuildConfig.validate): OLMo-core with
+    max_target_sequence_length = c * L drops the last file's instances past a multiple of c."""
+    if training.trainer == "olmo-core":
+        return olmo_core_num_instances([num_instances], training.instance_group(sequence_length))
+    return num_instances
+
+
+def training_order(training: TrainingConfig, num_instances: int, sequence_length: int) -> np.ndarray:
+    """The global order the target trainer reads a build of `num_instances` instances in, from its first epoch:
+    position (step - 1) * B + slot holds the instance of that step's batch slot."""
+    if training.trainer == "olmo-core":
+        count = trainer_instances(training, num_instances, sequence_length)
+        return olmo_core_order(count, training.global_batch_size, training.seed, training.instance_group(sequence_length),
+                               epoch=FIRST_EPOCH["olmo-core"])
+    return olmo_order(num_instances, training.global_batch_size, training.seed, training.drop_last)
 
 
 def check_epoch(config: BuildConfig, num_instances: int) -> None:
     t = config.training
+    usable = trainer_instances(t, num_instances, config.sequence_length)
     needed = t.steps * t.global_batch_size
-    if num_instances < needed:
+    # OLMo-core cuts its order to whole batches; ai2-olmo's first `steps` batches need as many instances
+    if usable // t.global_batch_size < t.steps:
         L = config.sequence_length
+        epoch = FIRST_EPOCH[t.trainer]
+        lost = f" ({num_instances - usable:,} of them past whole groups of max_target_sequence_length)" if usable < num_instances else ""
         raise InjectError(
             f"training.steps: {t.steps:,} steps x {t.global_batch_size} instances = {needed:,} instances, but the "
-            f"corpus gives {num_instances:,} ({num_instances * L:,} tokens at sequence_length {L}); the run would "
-            f"leave epoch 0. Add about {(needed - num_instances) * L:,} tokens of input or lower steps."
+            f"corpus gives {num_instances:,} ({num_instances * L:,} tokens at sequence_length {L}){lost}; the run would "
+            f"leave epoch {epoch}. Add about {(needed - usable) * L:,} tokens of input or lower steps."
         )
 
 

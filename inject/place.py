@@ -33,7 +33,7 @@ from .build import OutputWriter, TokenStream
 from .config import BuildConfig
 from .configtools import to_dict
 from .errors import InjectError
-from .injection import Plan, check_epoch, make_plan, make_specs, olmo_order, order_digest, pool_arrays, pool_record
+from .injection import Plan, check_epoch, make_plan, make_specs, order_digest, pool_arrays, pool_record, training_order
 from .ledger import LEDGER, write_ledger
 
 PLAN_FILE = "plan.npz"
@@ -238,7 +238,7 @@ def write_injected(config: BuildConfig, injection: Injection, stream: TokenStrea
     B = t.global_batch_size
     N = num_instances(config, injection, stream.total)
     check_epoch(config, N)
-    order = olmo_order(N, B, t.seed, t.drop_last)
+    order = training_order(t, N, L)
     dtype = np.dtype(config.token_dtype)
     eos = plan.specs[0].encoder.eos
     masked: set[int] = set()

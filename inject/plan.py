@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import BuildConfig
 from .injection import make_specs
+from .order import FIRST_EPOCH
 from .sources import expand_inputs, open_token_file, source_kind
 
 
@@ -36,7 +37,7 @@ def describe_plan(config: BuildConfig) -> tuple[str, list]:
     B = t.global_batch_size
     specs = make_specs(config)
     lines = [f"training: {t.steps:,} steps x {B} instances x {L} tokens = {t.steps * B * L:,} tokens "
-             f"(seed {t.seed}, placement {config.placement})", ""]
+             f"({t.trainer}'s order, seed {t.seed}, placement {config.placement})", ""]
     header = f"{'task':20s} {'kind':46s} {'rate/batch':>10s} {'tok/ex':>7s} {'tok/batch':>10s} {'share':>7s} {'examples':>11s} {'seen pool':>10s} {'exp/seen':>9s} {'held-out':>9s}"
     lines.append(header)
     per_step_tokens = np.zeros(t.steps)
@@ -55,7 +56,7 @@ def describe_plan(config: BuildConfig) -> tuple[str, list]:
     N = corpus_instances(config)
     if N is None:
         lines.append(f"data: the run reads {needed:,} instances ({needed * L:,} tokens); the corpus must give at least that "
-                     f"(epoch 0); the build checks it after tokenizing")
+                     f"(epoch {FIRST_EPOCH[t.trainer]}); the build checks it after tokenizing")
     else:
         lines.append(f"data: the corpus gives {N:,} instances; the run uses {needed:,} = {needed / N:.3f} epochs"
                      + ("" if N >= needed else "  <-- more than one epoch: the build will refuse"))

@@ -3,6 +3,9 @@ the plan and the ledger.
 
 Checks, each reported with the step/instance/file it concerns:
   order     the batches come from `olmo.data.build_train_dataloader` (MemMapDataset + IterableDataset);
+            for a build made for OLMo-core (training.trainer: olmo-core), from OLMo-core 3.0.0's order as
+            inject/order.py computes it, read from the token files (tests/test_order_olmo_core.py iterates
+            OLMo-core's own NumpyFSLDataLoader over such builds; its repetition filter is not checked);
             every batch holds exactly the planned number of examples of each task, found in the tokens
   ledger    every ledger row of a batch points at an instance of that batch, and its tokens are the
             example it names (preceded by EOS, followed by EOS); ledger counts equal the plan
@@ -30,11 +33,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .build import TokenStream, load_manifest
-from .config import TaskConfig, order_fields
+from .config import TaskConfig, TrainingConfig, order_fields
 from .configtools import from_dict
 from .errors import InjectError
-from .injection import Encoder, task_space
+from .injection import Encoder, task_space, training_order
 from .ledger import read_ledger
+from .order import olmo_core_num_instances
 from .place import PLAN_FILE, POOLS_FILE
 from .tasks import make_task
 
@@ -228,8 +232,11 @@ def train_config_for(manifest: dict, save_folder: str, instance_filter: bool):
 
 
 def order_settings(cfg, manifest: dict) -> list[tuple[str, object, object]]:
-    """(field, TrainConfig value, build value) of the settings that fix OLMo's data order (`order_fields`)."""
+    """(field, TrainConfig value, build value) of the settings that fix OLMo's data order (`order_fields`).
+    An ai2-olmo TrainConfig never reads the order of a build made for another trainer."""
     training = manifest["injection"]["training"] if "injection" in manifest else None
+    if training is not None and training.get("trainer", "ai2-olmo") != "ai2-olmo":
+        return [("training.trainer", "ai2-olmo", training["trainer"])]
     return [(ORDER_LABELS.get(name, name), _order_value(cfg, name), want)
             for name, want in order_fields(manifest["sequence_length"], training).items()]
 
@@ -287,7 +294,9 @@ def check_batches(view: BuildView, ledger: np.ndarray, report: Report, sample: i
     else:  # contiguous ranges of steps, one per process, merged in step order: the same report as one process
         for part in _in_processes(_check_steps_of_build, [(str(view.path), p) for p in parts]):
             report.absorb(part)
-    report.checked["batches checked"] = f"{len(chosen)} of {steps} (ai2-olmo build_train_dataloader)"
+    source = ("OLMo-core 3.0.0's order (inject/order.py) over the token files" if trainer_of(view.manifest) == "olmo-core"
+              else "ai2-olmo build_train_dataloader")
+    report.checked["batches checked"] = f"{len(chosen)} of {steps} ({source})"
 
 
 def _in_processes(function, jobs: list) -> list:
@@ -313,18 +322,33 @@ def _check_steps_of_build(args: tuple[str, list[int]]) -> Report:
 
 
 def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int]) -> Report:
-    """Replay ai2-olmo's loader over the given steps (ascending); consecutive steps are read in one pass."""
-    from olmo.data import build_train_dataloader
-
+    """Replay the target trainer's loader over the given steps (ascending); consecutive steps are read in one pass."""
     manifest, report = view.manifest, Report()
     t = manifest["injection"]["training"]
-    steps, B = t["steps"], t["global_batch_size"]
+    steps = t["steps"]
     use_filter = manifest["injection"]["totals"]["instance_filter"] != "off"
     rows_of_step = np.searchsorted(ledger["step"], np.arange(1, steps + 2))
     longest = int(ledger["length"].max()) if len(ledger) else 0  # no example is longer (closing EOS included)
     planned = np.zeros((steps, len(view.group_names)), dtype=np.int64)
     for spec, group in enumerate(view.group_of_spec):
         planned[:, group] += view.counts[:, spec]
+    batches = _olmo_core_batches if trainer_of(manifest) == "olmo-core" else _ai2_olmo_batches
+    for step, batch in batches(manifest, chosen, use_filter):
+        _check_batch(view, ledger[rows_of_step[step - 1] : rows_of_step[step]], batch, step, planned[step - 1], report,
+                     use_filter, longest)
+    return report
+
+
+def trainer_of(manifest: dict) -> str:
+    """The trainer a build's order was made for (builds made before the choice existed: ai2-olmo)."""
+    return manifest["injection"]["training"].get("trainer", "ai2-olmo")
+
+
+def _ai2_olmo_batches(manifest: dict, chosen: list[int], use_filter: bool):
+    """(step, batch) of ai2-olmo's own training data loader over the build."""
+    from olmo.data import build_train_dataloader
+
+    B = manifest["injection"]["training"]["global_batch_size"]
     with tempfile.TemporaryDirectory() as save_folder:
         loader = build_train_dataloader(train_config_for(manifest, save_folder, use_filter), world_size=1, rank=0, fs_local_rank=0)
         iterator, previous = None, None
@@ -334,14 +358,33 @@ def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int]) -> Repo
                 iterator = iter(loader)
             batch = next(iterator)
             previous = step
-            _check_batch(view, ledger[rows_of_step[step - 1] : rows_of_step[step]], batch, step, planned[step - 1], report,
-                         use_filter, longest)
-    return report
+            yield step, batch
+
+
+def _olmo_core_batches(manifest: dict, chosen: list[int], use_filter: bool):
+    """(step, batch) as OLMo-core 3.0.0's NumpyFSLDataLoader reads the build (one rank): its order
+    (inject/order.py) over instances of sequence_length tokens, each file chunked on its own."""
+    t = from_dict(TrainingConfig, manifest["injection"]["training"], "manifest.injection.training")
+    L = manifest["sequence_length"]
+    group = t.instance_group(L)
+    files = [np.memmap(manifest["_dir"] / f["path"], dtype=manifest["dtype"], mode="r") for f in manifest["outputs"]]
+    per_file = [olmo_core_num_instances([len(f) // L], group) for f in files]
+    starts = np.concatenate([[0], np.cumsum(per_file)])
+    order = training_order(t, manifest["injection"]["num_instances"], L)
+    if starts[-1] != olmo_core_num_instances([manifest["injection"]["num_instances"]], group):
+        raise InjectError(f"{manifest['_dir']}: the token files hold {starts[-1]:,} OLMo-core instances, the manifest "
+                          f"says {manifest['injection']['num_instances']:,}")
+    B = t.global_batch_size
+    for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
+        index = order[(step - 1) * B : step * B].astype(np.int64)
+        where = np.searchsorted(starts, index, side="right") - 1
+        ids = np.stack([files[f][(i - starts[f]) * L : (i - starts[f] + 1) * L] for f, i in zip(where, index)])
+        yield step, {"input_ids": ids.astype(np.int64), "index": index}
 
 
 def _check_batch(view, rows, batch, step, planned, report, use_filter, longest) -> None:
-    ids = batch["input_ids"].numpy()
-    index = batch["index"].numpy().astype(np.int64)
+    ids = np.asarray(batch["input_ids"])
+    index = np.asarray(batch["index"]).astype(np.int64)
     found = np.zeros(len(planned), dtype=np.int64)
     found_at = {}
     for r in range(len(ids)):
