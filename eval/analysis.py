@@ -2,6 +2,10 @@
 `olmo-inject eval`: one results folder per run, one JSONL per checkpoint written atomically (finished steps
 are skipped on a rerun), a settings file that refuses a rerun with other settings, checkpoint metadata,
 hidden states and group names of parameters for both model kinds (ai2-olmo OLMo and transformers).
+
+A results folder is locked while its checkpoints are analyzed (OUT/.lock: a second process into the same
+folder is refused), is bound to its build (OUT/build.json: a rerun with another build is refused), and the
+build must be the one the run trained on (RUN/build.json, written by `olmo-inject train`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from tqdm import tqdm
 
 from inject.build import load_manifest
 from inject.errors import InjectError
+from inject.identity import check_run_build, difference, read_record, same_build, write_record
+from inject.lock import folder_lock
 
 from .checkpoints import STEP, Checkpoint, LoadedModel, find_checkpoints, load_model
 
@@ -29,10 +35,37 @@ class AnalysisReport:
     out_dir: Path | None = None
 
 
+LOCK = ".lock"
+
+
+def run_folder(path: Path) -> Path:
+    """The run folder of a run folder or of one of its checkpoints (stepN, stepN-unsharded)."""
+    path = Path(path)
+    return path.parent if STEP.search(path.name) and path.name.startswith("step") else path
+
+
 def default_out(path: Path, name: str) -> Path:
     """RUN/<name>, or next to a single checkpoint (its run folder)/<name>."""
-    path = Path(path)
-    return (path.parent if STEP.search(path.name) and path.name.startswith("step") else path) / name
+    return run_folder(path) / name
+
+
+def bind_results(out_dir: Path, identity: dict) -> None:
+    """Record the build a results folder is made with; refuse adding results of another build."""
+    recorded = read_record(out_dir)
+    if recorded is None:
+        write_record(out_dir, identity)
+    elif not same_build(recorded, identity):
+        raise InjectError(f"{out_dir}: results made with the build {recorded['path']}, not with {identity['path']} "
+                          f"({difference(recorded, identity)}); use another --out or delete the folder")
+
+
+def check_results_build(results: Path) -> None:
+    """`report`: a results folder inside a run must have been made with the run's build."""
+    made_with, trained_on = read_record(results), read_record(Path(results).parent)
+    if made_with is not None and trained_on is not None and not same_build(trained_on, made_with):
+        raise InjectError(f"{results}: results made with the build {made_with['path']}, but the run "
+                          f"{Path(results).parent} trained on {trained_on['path']} ({difference(trained_on, made_with)}); "
+                          f"evaluate it again with --data {trained_on['path']}")
 
 
 def check_settings(out_dir: Path, settings: dict, filename: str) -> None:
@@ -89,14 +122,22 @@ def run_over_checkpoints(path: Path, build_dir: Path, out_dir: Path, settings: d
                          analyze, device: str = "cpu") -> AnalysisReport:
     """Call `analyze(loaded, checkpoint, meta) -> rows` for every checkpoint of `path` not yet in `out_dir`
     and write its rows to out_dir/stepN.jsonl (complete files only: a rerun skips exactly finished steps).
-    A checkpoint that cannot be loaded is reported and the others still run."""
+    A checkpoint that cannot be loaded is reported and the others still run. Refuses a build that is not
+    the run's, and a results folder that another process is writing."""
     path, build_dir = Path(path), Path(build_dir)
     manifest = load_manifest(build_dir)
     if "injection" not in manifest:
         raise InjectError(f"{build_dir}: a build without injected tasks; nothing to analyze")
     checkpoints = find_checkpoints(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(out_dir, settings, settings_file)
+    identity = check_run_build(run_folder(path), build_dir)
+    with folder_lock(out_dir / LOCK, f"the results folder {out_dir}"):
+        check_settings(out_dir, settings, settings_file)
+        bind_results(out_dir, identity)
+        return _analyze_checkpoints(path, checkpoints, manifest, out_dir, analyze, device)
+
+
+def _analyze_checkpoints(path: Path, checkpoints: list[Checkpoint], manifest: dict, out_dir: Path, analyze,
+                         device: str) -> AnalysisReport:
     report = AnalysisReport(out_dir=out_dir)
     todo = [c for c in checkpoints if not (out_dir / f"step{c.step}.jsonl").exists()]
     report.skipped = [c.step for c in checkpoints if c not in todo]

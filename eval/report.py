@@ -21,6 +21,7 @@ import numpy as np
 
 from inject.errors import InjectError
 
+from .analysis import check_results_build
 from .run import read_results, summarize, write_table
 from .score import wilson_interval
 
@@ -40,6 +41,7 @@ def load_rows(paths: list[Path]) -> list[dict]:
     rows = []
     for path in paths:
         folder = results_folder(path)
+        check_results_build(folder)
         for row in read_results(folder):
             row.setdefault("run", folder.parent.name)
             row.setdefault("model", row["run"])

@@ -10,6 +10,8 @@ Two stages, so that a build is resumable and its bytes do not depend on the numb
 
 Everything is written under `OUT.partial/` and renamed to `OUT` when complete, so nothing that looks
 finished exists before the build is. Rerunning an interrupted build reuses its finished caches.
+One build at a time per output: a build holds the lock file `OUT.lock` (beside OUT) exclusively from start
+to finish; the tasks of a SLURM array (`--part`) share it, so they run together and exclude a finishing build.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from . import tokenizer as tok
 from .config import BuildConfig, order_fields
 from .configtools import to_dict
 from .errors import InjectError
+from .lock import folder_lock
 from .sources import (MANIFEST, FileStats, Problem, check_token_ids, entry_path, expand_inputs, iter_dolma_texts,
                       open_token_file, source_kind)
 
@@ -377,6 +380,12 @@ def partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
 
+def output_lock(out_dir: Path, shared: bool = False):
+    """The lock of a build's output (and its partial folder), held for the whole build: exclusive for a
+    build, shared among the parts of an array build."""
+    return folder_lock(out_dir.with_name(out_dir.name + ".lock"), f"the build output {out_dir}", shared=shared)
+
+
 def prepare_output(config: BuildConfig, out_dir: Path, overwrite: bool, shared: bool = False) -> Path:
     """The partial folder to build in; reused when it holds an interrupted build of the same config.
 
@@ -581,18 +590,19 @@ def run_build(config: BuildConfig, out_dir: Path, overwrite: bool = False) -> di
     out_dir = out_dir.resolve()
     files, input_problems = list_inputs(config, out_dir)
     injection = prepare_injection(config) if config.tasks else None  # config errors before any work
-    partial = prepare_output(config, out_dir, overwrite)
-    work_dir = partial / WORK
-    records = tokenize_all(config, files, work_dir)
-    summarize_inputs(records)  # fail before writing when there is nothing to write
-    stream = TokenStream(open_caches(config, records, work_dir))
-    if injection is None:
-        outputs, extra = write_base(config, stream, partial), None
-    else:
-        outputs, extra = write_injected(config, injection, stream, partial)
-    manifest = write_manifest(partial, out_dir, config, records, outputs, extra, input_problems)
-    finalize(partial, out_dir)
-    return manifest
+    with output_lock(out_dir):
+        partial = prepare_output(config, out_dir, overwrite)
+        work_dir = partial / WORK
+        records = tokenize_all(config, files, work_dir)
+        summarize_inputs(records)  # fail before writing when there is nothing to write
+        stream = TokenStream(open_caches(config, records, work_dir))
+        if injection is None:
+            outputs, extra = write_base(config, stream, partial), None
+        else:
+            outputs, extra = write_injected(config, injection, stream, partial)
+        manifest = write_manifest(partial, out_dir, config, records, outputs, extra, input_problems)
+        finalize(partial, out_dir)
+        return manifest
 
 
 def tokenize_part(config: BuildConfig, out_dir: Path, part: int, parts: int) -> list[dict]:
@@ -601,8 +611,9 @@ def tokenize_part(config: BuildConfig, out_dir: Path, part: int, parts: int) -> 
     if not 0 <= part < parts:
         raise InjectError(f"--part: {part}/{parts} is not a part of {parts} (expected K/N with 0 <= K < N)")
     files, _ = list_inputs(config, out_dir.resolve())  # the finishing run lists the input problems
-    partial = prepare_output(config, out_dir.resolve(), overwrite=False, shared=True)
-    return tokenize_all(config, files, partial / WORK, part=(part, parts))
+    with output_lock(out_dir.resolve(), shared=True):
+        partial = prepare_output(config, out_dir.resolve(), overwrite=False, shared=True)
+        return tokenize_all(config, files, partial / WORK, part=(part, parts))
 
 
 def load_manifest(build_dir: Path) -> dict:

@@ -320,14 +320,13 @@ def cmd_ladder(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from olmo_configs.train import launch, render, resolve_config, write_resolved
+    from olmo_configs.train import render, resolve_config, train
 
     cfg = resolve_config(args.config, args.data, args.run, args.overrides)
     if args.dry_run:
         print(render(cfg))
         return 0
-    path = write_resolved(cfg, args.run)
-    code = launch(path, args.nproc, args.nnodes, args.rendezvous)
+    code = train(cfg, args.data, args.run, args.nproc, args.nnodes, args.rendezvous)
     if code:
         raise InjectError(f"training exited with code {code}; rerun the same command to resume from the latest checkpoint")
 
@@ -422,7 +421,7 @@ def cmd_demo(args) -> int:
     from .sample import write_sample_corpus
     from .verify import run_verify
     import olmo_configs
-    from olmo_configs.train import launch, resolve_config, write_resolved
+    from olmo_configs.train import resolve_config, train
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -447,7 +446,7 @@ def cmd_demo(args) -> int:
     shutil.rmtree(run, ignore_errors=True)
     tiny = Path(olmo_configs.__file__).parent / "tiny.yaml"
     cfg = resolve_config(tiny, work / "build", run, [f"max_duration={args.train_steps}", "console_log_interval=5"])
-    code = launch(write_resolved(cfg, run))
+    code = train(cfg, work / "build", run)
     if code:
         raise InjectError(f"training exited with code {code}")
     from eval.report import make_report

@@ -4,7 +4,13 @@ The launcher checks the TrainConfig against the build (the data order, and so ev
 depends on batch size, sequence length and seed), fills in the build's paths, dtype, tokenizer and EOS,
 writes the resolved config into the run folder and starts `torchrun` (one process per GPU, or one on
 CPU). Running it again on the same run folder resumes from the latest checkpoint, with the data order
-continuing where it stopped (OLMo restores the loader position from the trainer state).
+continuing where it stopped (OLMo restores the loader position from the trainer state); on a run that is
+already complete it trains nothing.
+
+One trainer per run folder: the launcher holds RUN/.lock (shared by the launchers of one multi-node run)
+and hands it to the trainer, which dies with its launcher (parent-death signal), so a killed launcher
+leaves no trainer behind and a second `train` on the same folder is refused. RUN/build.json records the
+build's identity (`inject.identity`): a resume on a replaced build is refused.
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ from pathlib import Path
 
 from inject.build import load_manifest
 from inject.errors import ConfigError
+from inject.identity import bind_run
+from inject.lock import folder_lock
 from inject.verify import order_settings
 
 RESOLVED = "config.yaml"
+LOCK = ".lock"
 
 
 def resolve_config(config_path: Path, build_dir: Path, run_dir: Path, overrides: list[str]):
@@ -94,10 +103,73 @@ def _first_difference(old, new, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
 
 
-def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezvous: str | None = None) -> int:
+def train(cfg, build_dir: Path, run_dir: Path, nproc: int | None = None, nnodes: int = 1,
+          rendezvous: str | None = None) -> int:
+    """Train the resolved `cfg` into `run_dir` under the run's lock; returns the trainer's exit code
+    (0 without starting it when the run is complete)."""
+    run_dir = Path(run_dir)
+    with folder_lock(run_dir / LOCK, f"the run folder {run_dir}", shared=nnodes > 1) as lock_fd:
+        path = write_resolved(cfg, run_dir)
+        bind_run(run_dir, build_dir)
+        done = completed_step(run_dir, cfg)
+        if done is not None:
+            print(f"olmo-inject train: {run_dir} is complete (its latest checkpoint is step {done}, the run's end); "
+                  f"nothing to train")
+            return 0
+        return launch(path, nproc, nnodes, rendezvous, keep_open=lock_fd)
+
+
+def final_step(cfg) -> int | None:
+    """The step a run stops at (stop_at, else max_duration in steps); None when given in tokens or epochs."""
+    steps = int(cfg.max_duration) if str(cfg.max_duration).isdigit() else None
+    if cfg.stop_at is not None:
+        steps = min(cfg.stop_at, steps) if steps is not None else cfg.stop_at
+    return steps
+
+
+def completed_step(run_dir: Path, cfg) -> int | None:
+    """The latest checkpoint's step when it is at or past the run's end (the run is complete), else None.
+    The same test as the trainer's after it restores that checkpoint (olmo_configs.worker)."""
+    from olmo.util import find_latest_checkpoint
+
+    end = final_step(cfg)
+    latest = find_latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+    if end is None or latest is None:
+        return None
+    step = int(Path(latest).name.replace("step", "").replace("-unsharded", ""))
+    return step if step >= end else None
+
+
+def die_with_parent(signum: int = signal.SIGKILL) -> None:
+    """Ask Linux to send `signum` to this process when its parent ends (prctl PR_SET_PDEATHSIG), so that a
+    trainer never outlives the launcher that a user or SLURM killed. Exits at once if the parent is already
+    gone. Safe in a `preexec_fn` (one system call)."""
+    parent = os.getppid()
+    if _libc is not None:
+        _libc.prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True) if sys.platform == "linux" else None
+    except OSError:
+        return None
+
+
+_libc = _load_libc()
+
+
+def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezvous: str | None = None,
+           keep_open: int | None = None) -> int:
     """torchrun with one process per GPU (or one on CPU), on this node of `nnodes`; returns its exit code.
 
     Several nodes (one launcher per node, e.g. under `srun`) meet at `rendezvous` (HOST:PORT of the first node).
+    `keep_open`: a file descriptor (the run's lock) the trainer keeps open for as long as it runs.
     """
     import torch
 
@@ -113,10 +185,11 @@ def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezv
         "MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
         **os.environ,
     }
+    passed = (keep_open,) if keep_open is not None else ()
     if nproc == 1 and nnodes == 1:  # one process: no agent in between, so that a kill or a signal reaches the trainer itself
         env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), **env}
-        process = subprocess.Popen([sys.executable, *worker], env=env)
+        process = subprocess.Popen([sys.executable, *worker], env=env, preexec_fn=die_with_parent, pass_fds=passed)
         forward = process.send_signal
     else:
         if nnodes == 1:
@@ -129,8 +202,7 @@ def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezv
         command = [sys.executable, "-m", "torch.distributed.run", *placement, f"--nproc_per_node={nproc}", *worker]
         # torchrun's agent would die on SIGUSR2, so it ignores it (an inherited SIG_IGN); its workers run in
         # sessions of their own and install their own handler first thing: the signal goes to each of them.
-        process = subprocess.Popen(command, env=env,
-                                   preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+        process = subprocess.Popen(command, env=env, preexec_fn=_agent_preexec, pass_fds=passed)
         forward = lambda signum: [_signal(pid, signum) for pid in _children(process.pid)]  # noqa: E731
     # SLURM signals the job's shell (--signal=B:USR2@...), which passes it to srun and srun to us: pass it on
     # to the trainer, which saves a checkpoint and stops.
@@ -142,6 +214,11 @@ def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezv
         return process.wait()
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def _agent_preexec() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    die_with_parent()  # the agent's workers set their own (olmo_configs.worker): they die with the agent
 
 
 def _children(pid: int) -> list[int]:

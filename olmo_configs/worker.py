@@ -32,6 +32,9 @@ def main(config_path: str) -> None:
 
     from .compat import CompatTrainer
     from .ladder import checkpoint_steps
+    from .train import die_with_parent
+
+    die_with_parent()  # a killed launcher (or torchrun agent) takes its trainers with it
 
     early_stop = []  # a SIGUSR2 during start-up is kept until the trainer exists
     signal.signal(signal.SIGUSR2, lambda signum, frame: early_stop.append(signum))
@@ -88,8 +91,12 @@ def main(config_path: str) -> None:
         else:
             trainer.save_checkpoint(trainer.checkpoint_type())  # step 0: the initialization, for eval baselines
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        log.info("starting at step %d (restart count %d)", trainer.global_step, restarts)
-        trainer.fit()
+        end = trainer.max_steps if cfg.stop_at is None else min(trainer.max_steps, cfg.stop_at)
+        if trainer.global_step >= end:  # OLMo's loop would train one step past the end before checking
+            log.info("the run is complete at step %d (it ends at step %d); nothing to train", trainer.global_step, end)
+        else:
+            log.info("starting at step %d (restart count %d)", trainer.global_step, restarts)
+            trainer.fit()
     dist.barrier()
     dist.destroy_process_group()
 
