@@ -74,7 +74,10 @@ def _acquire(path: Path, what: str, shared: bool, grace: float) -> int | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = None
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise InjectError(f"{path}: cannot create the lock file of {what} ({e.strerror})") from None
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -93,8 +96,8 @@ def _acquire(path: Path, what: str, shared: bool, grace: float) -> int | None:
                 if time.monotonic() < deadline:
                     time.sleep(0.1)
                     continue
-                raise FolderBusy(f"{what} is locked by child processes of {_names(holders)}, which ended "
-                                 f"{grace:g} s ago and whose children still run (`fuser -v {path}` lists them); "
+                raise FolderBusy(f"{what} is still locked {grace:g} s after its holder {_names(holders)} ended: "
+                                 f"processes it started hold the lock (`fuser -v {path}` lists them); "
                                  f"stop them, then rerun") from None
             raise FolderBusy(f"{what} is in use by {_names(holders)} (lock file {path}); wait for it to "
                              f"finish or stop it, then rerun") from None

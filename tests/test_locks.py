@@ -141,6 +141,33 @@ def test_exclusive_and_shared_holders_exclude_each_other_and_name_the_holder(tmp
     assert not lock.exists()
 
 
+def test_a_lock_handed_to_a_child_outlives_its_dead_holder_until_the_child_ends(tmp_path):
+    """What a SIGKILLed launcher leaves if its trainer survived: the recorded holder is dead, its child still
+    holds the lock. A newcomer waits (up to `grace`) for the child, and is refused, naming the holder, if it
+    does not end."""
+    lock = tmp_path / "x.lock"
+    holder = subprocess.run([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from inject.lock import folder_lock\n"
+        "held = folder_lock(Path(sys.argv[1]), 'x'); held.__enter__()\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    os.close(1), os.close(2)\n"
+        "    time.sleep(600)\n"  # the child keeps the locked file open
+        "print(child, flush=True)\n"
+        "os._exit(0)\n"), str(lock)], capture_output=True, text=True, timeout=60)
+    child = int(holder.stdout)
+    try:
+        with pytest.raises(FolderBusy, match=f"still locked 0 s after its holder pid [0-9]+ on host {HOST}"):
+            with folder_lock(lock, "thing X", grace=0):
+                pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+    with folder_lock(lock, "thing X", grace=60):  # waits for the child's end, then holds the lock
+        assert lock_holders(lock) == [os.getpid()]
+
+
 # ------------------------------------------------------------------------------------------------- builds
 
 
