@@ -431,7 +431,7 @@ def plot_interference(rows: list[dict], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import _colors, _save
+    from .plotting import colors_for as _colors, save_figure as _save
 
     params = {r["model"]: r.get("params") or 0 for r in rows}
     models = sorted(params, key=lambda m: (params[m], m))

@@ -17,6 +17,10 @@ baseline: the training set's majority class (accuracy) or mean (R^2) applied to 
 
 Layer 0 is the embedding output, layer i the output of block i (before the final norm).
 
+The "best layer" (probe_vs_step.png) is chosen on a validation split, never on the test score: the same probe
+is also fit on a seeded 80% of the training rows and scored on the other 20% (`validation`); at each step the
+plot shows the test score of the layer with the highest validation score.
+
 Outputs in RUN/probe (or --out): stepN.jsonl (one row per task, feature and layer), probe.csv (all
 steps), probe_vs_step.png (the best layer's score against step, per model size, with the control
 dotted), probe_by_layer.png (score against layer at each model's last step), probe-config.json.
@@ -38,7 +42,8 @@ from .sets import build_eval_set, task_info
 
 FOURIER_KS = (1, 2, 3)
 COLUMNS = ["model", "run", "params", "step", "tokens", "task", "kind", "complexity", "rate", "feature", "probe", "metric",
-           "layer", "score", "control", "baseline", "n_train", "n_test", "classes"]
+           "layer", "score", "control", "baseline", "validation", "n_train", "n_test", "n_validation", "classes"]
+VALIDATION_SHARE = 0.2
 
 
 @dataclass
@@ -131,13 +136,38 @@ def probe_rows(states: np.ndarray, items, tasks: dict[str, dict], instances: lis
         train = np.array([items[i].split == "seen" for i in mine])
         for name, (kind, _) in feats[0].items():
             y = np.array([f[name][1] for f in feats])
+            fit_part, validation_part = validation_split(int(train.sum()), settings.seed)
             for layer in range(states.shape[0]):
                 X = states[layer, mine]
                 fit = fit_probe(X[train], y[train], X[~train], y[~train], kind, settings.seed, settings.alpha, settings.C)
+                X_train, y_train = X[train], y[train]
+                check = fit_probe(X_train[fit_part], y_train[fit_part], X_train[validation_part], y_train[validation_part],
+                                  kind, settings.seed, settings.alpha, settings.C, control=False)
+                fit.update(validation=check["score"], n_validation=check["n_test"])
                 rows.append({"task": task, "kind": info["kind"], "complexity": info["complexity"], "rate": info["rate"],
                              "feature": name, "probe": "logistic" if kind == "classification" else "ridge",
                              "metric": "accuracy" if kind == "classification" else "r2", "layer": layer, **fit})
     return rows
+
+
+def validation_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) indices of n training rows: a seeded VALIDATION_SHARE of them for choosing the layer."""
+    order = np.random.default_rng([seed, 11]).permutation(n)
+    held = max(1, int(round(n * VALIDATION_SHARE))) if n >= 5 else 0
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def best_layers(rows: list[dict]) -> dict[tuple, dict]:
+    """(model, task, feature, step) -> the row of the layer with the highest validation score (ties: the
+    lower layer); its `score` is the test score reported for that step."""
+    best: dict[tuple, dict] = {}
+    for r in sorted(rows, key=lambda r: r["layer"]):
+        if r.get("validation") is None or r.get("score") is None:
+            continue
+        key = (r["model"], r["task"], r["feature"], r["step"])
+        if key not in best or r["validation"] > best[key]["validation"]:
+            best[key] = r
+    return best
 
 
 def analyze_probes(path: Path, build_dir: Path, out_dir: Path | None = None, seen: int = 400, held_out: int = 200,
@@ -195,7 +225,7 @@ def _panel_rows(rows: list[dict], task: str, feature: str) -> list[dict]:
             values = [m[key] for m in members if m[key] is not None]
             return float(np.mean(values)) if values else None
         out.append({**members[0], "feature": feature, "score": mean("score"), "control": mean("control"),
-                    "baseline": mean("baseline")})
+                    "baseline": mean("baseline"), "validation": mean("validation")})
     return out
 
 
@@ -205,7 +235,7 @@ def plot_probes(rows: list[dict], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import _colors, _save
+    from .plotting import colors_for as _colors, save_figure as _save
 
     kinds = {r["task"]: r["kind"] for r in rows}
     panels = [(t, f) for t in sorted(kinds) for f in PLOTTED.get(kinds[t], [])]
@@ -230,13 +260,11 @@ def plot_probes(rows: list[dict], out_dir: Path) -> list[Path]:
                     last = max(r["step"] for r in mine)
                     pts = sorted((r["layer"], r["score"], r["control"]) for r in mine if r["step"] == last)
                     label = f"{model} (step {last})"
-                else:
-                    best = {}
-                    for r in mine:  # the best layer at each step, and that layer's control
-                        if r["step"] not in best or r["score"] > best[r["step"]][0]:
-                            best[r["step"]] = (r["score"], r["control"])
-                    pts = sorted((s, v[0], v[1]) for s, v in best.items())
+                else:  # at each step, the layer chosen on validation: its test score and control
+                    pts = sorted((r["step"], r["score"], r["control"]) for r in best_layers(mine).values())
                     label = model
+                    if not pts:
+                        continue
                 x, y, c = zip(*pts)
                 ax.plot(x, y, "-o", ms=3, color=colors[model], label=label)
                 cx = [a for a, b in zip(x, c) if b is not None]
@@ -253,7 +281,8 @@ def plot_probes(rows: list[dict], out_dir: Path) -> list[Path]:
         if panels:
             axes[0][0].legend(fontsize=7)
         fig.suptitle("Linear probes at the answer position, trained on seen and tested on held-out instances"
-                     + (" (last step, per layer)" if by_layer else " (best layer)") + "; dotted: shuffled-label control")
+                     + (" (last step, per layer)" if by_layer else " (layer chosen on validation)")
+                     + "; dotted: shuffled-label control")
         fig.tight_layout()
         written.append(_save(fig, target))
     return written

@@ -3,12 +3,20 @@ summary (Markdown and HTML) from the per-checkpoint JSONL files that `olmo-injec
 
 RESULTS are eval folders (with stepN.jsonl) or run folders that hold one (RUN/eval). Plots:
 - accuracy_vs_tokens.png: ranked-choice accuracy against training tokens, one panel per task, one
-  colour per model size, seen solid and held-out dashed;
+  colour per model size, seen solid, pending dash-dotted, held-out dashed, chance dotted;
 - memorization_vs_generalization.png: per modular-addition task (every task if there is none) and
-  size, seen and held-out accuracy over training with the gap between them shaded;
+  size, seen, pending and held-out accuracy over training with the seen/held-out gap shaded;
+- answer_logprob.png: mean log-probability and mean rank of the right answer against step, per split
+  (these move before accuracy does);
 - retention.png: accuracy of seen instances against steps since their last exposure and against
-  their number of exposures (all checkpoints pooled), per size;
-- heatmap.png: final held-out accuracy per model size (rows) and task rate (columns).
+  their number of exposures (all checkpoints pooled), per size, with n per bin;
+- heatmap.png: final held-out accuracy relative to chance, (accuracy - chance) / (1 - chance), per model
+  size (rows) and task rate (columns), with the raw accuracy, chance and n in each cell;
+- dolma_loss.png: the Dolma validation loss of each checkpoint (see eval.run).
+
+onset.csv (and a table on the summary page): per model and task, the grokking onset, the first evaluated
+step at which held-out accuracy is at least halfway from chance to perfect ((accuracy - chance) / (1 - chance)
+>= 0.5) and its 95% Wilson interval lies entirely above chance; empty when no evaluated step qualifies.
 """
 
 from __future__ import annotations
@@ -21,11 +29,18 @@ import numpy as np
 
 from inject.errors import InjectError
 
-from .analysis import check_results_build
-from .run import read_results, summarize, write_table
+from .analysis import check_results_build, read_jsonl_folder, write_csv
+from .plotting import colors_for as _colors
+from .plotting import save_figure as _save
+from .run import read_results, short_splits, summarize, write_table
 from .score import wilson_interval
 
-PLOTS = ["accuracy_vs_tokens.png", "memorization_vs_generalization.png", "retention.png", "heatmap.png"]
+PLOTS = ["accuracy_vs_tokens.png", "memorization_vs_generalization.png", "answer_logprob.png", "retention.png",
+         "heatmap.png", "dolma_loss.png"]
+SPLIT_STYLE = {"seen": "-", "pending": "-.", "held_out": "--"}
+ONSET_THRESHOLD = 0.5
+ONSET_COLUMNS = ["model", "params", "task", "kind", "complexity", "rate", "onset_step", "onset_tokens", "accuracy",
+                 "chance", "n", "last_step", "last_normalized"]
 
 
 def results_folder(path: Path) -> Path:
@@ -64,7 +79,6 @@ def tell_runs_apart(rows: list[dict]) -> list[dict]:
 
 def mechanism_plots(paths: list[Path], out: Path) -> list[Path]:
     """The probe and interference plots over every run that has those results (RUN/probe, RUN/interference)."""
-    from .analysis import read_jsonl_folder
     from .interference import plot_interference
     from .probe import plot_probes
 
@@ -88,14 +102,39 @@ def make_report(paths: list[Path], out: Path) -> list[Path]:
     table = summarize(everything)
     written = [write_table(table, out / "results.csv")]
     main = [r for r in table if r["exposures"] == "all" and r["format"] == "training"]
+    onsets = onset_table(main)
+    written.append(write_csv(out / "onset.csv", onsets, ONSET_COLUMNS))
     written.append(plot_accuracy_vs_tokens(main, out / PLOTS[0]))
     written.append(plot_memorization(main, out / PLOTS[1]))
-    written.append(plot_retention(rows, out / PLOTS[2]))
-    written.append(plot_heatmap(main, out / PLOTS[3]))
+    written.append(plot_answer_logprob(main, out / PLOTS[2]))
+    written.append(plot_retention(rows, out / PLOTS[3]))
+    written.append(plot_heatmap(main, out / PLOTS[4]))
+    written.append(plot_dolma_loss(main, out / PLOTS[5]))
     mechanism = mechanism_plots(paths, out)
     written.extend(mechanism)
-    written.extend(write_summary_page(table, out, [p.name for p in mechanism]))
+    written.extend(write_summary_page(table, out, [p.name for p in mechanism], onsets))
     return written
+
+
+def onset_table(table: list[dict], threshold: float = ONSET_THRESHOLD) -> list[dict]:
+    """Per model and task (whole held-out split, training format): the first evaluated step whose held-out
+    accuracy is at least `threshold` of the way from chance to perfect and whose 95% Wilson interval lies
+    above chance (see the module docstring); onset_step None when no evaluated step qualifies."""
+    series = defaultdict(list)
+    for r in table:
+        if r["split"] == "held_out" and r["exposures"] == "all" and r.get("format", "training") == "training" and r["n"]:
+            series[(r["model"], r["task"])].append(r)
+    out = []
+    for (model, task), rows in sorted(series.items(), key=lambda kv: (kv[1][0].get("params") or 0, kv[0])):
+        rows = sorted(rows, key=lambda r: r["step"])
+        onset = next((r for r in rows if r["normalized"] >= threshold and r["ci_low"] > r["chance"]), None)
+        last = rows[-1]
+        out.append({"model": model, "params": last.get("params"), "task": task, "kind": last.get("kind"),
+                    "complexity": last.get("complexity"), "rate": last.get("rate"),
+                    "onset_step": onset["step"] if onset else None, "onset_tokens": onset["tokens"] if onset else None,
+                    "accuracy": onset["accuracy"] if onset else None, "chance": last["chance"],
+                    "n": onset["n"] if onset else None, "last_step": last["step"], "last_normalized": last["normalized"]})
+    return out
 
 
 def _models(table: list[dict]) -> list[str]:
@@ -104,16 +143,9 @@ def _models(table: list[dict]) -> list[str]:
     return sorted(params, key=lambda m: (params[m], m))
 
 
-def _colors(models: list[str]) -> dict[str, tuple]:
-    import matplotlib.pyplot as plt
-
-    cmap = plt.get_cmap("viridis")
-    return {m: cmap(i / max(1, len(models) - 1) * 0.9) for i, m in enumerate(models)}
-
-
 def _curve(table, model, task, split):
     points = sorted((r["tokens"], r["step"], r["accuracy"], r["ci_low"], r["ci_high"]) for r in table
-                    if r["model"] == model and r["task"] == task and r["split"] == split)
+                    if r["model"] == model and r["task"] == task and r["split"] == split and r["n"])
     return [np.array(c) for c in zip(*points)] if points else None
 
 
@@ -122,16 +154,6 @@ def _chance(ax, table: list[dict], task: str) -> None:
     chance = next((r.get("chance") for r in table if r["task"] == task and r.get("chance") is not None), None)
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
-
-
-def _save(fig, target: Path) -> Path:
-    tmp = target.with_name(target.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    tmp.replace(target)
-    return target
 
 
 def _task_label(table: list[dict], task: str) -> str:
@@ -154,7 +176,7 @@ def plot_accuracy_vs_tokens(table: list[dict], target: Path) -> Path:
     for ax, task in zip(axes.flat, tasks):
         ax.xaxis.set_major_formatter(EngFormatter())
         for model in models:
-            for split, style in (("seen", "-"), ("held_out", "--")):
+            for split, style in SPLIT_STYLE.items():
                 curve = _curve(table, model, task, split)
                 if curve is not None:
                     tokens, _, acc, low, high = curve
@@ -164,7 +186,8 @@ def plot_accuracy_vs_tokens(table: list[dict], target: Path) -> Path:
         ax.set(title=_task_label(table, task), xlabel="training tokens", ylabel="ranked-choice accuracy", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Accuracy against training tokens (solid: seen instances, dashed: held-out, dotted: chance)")
+    fig.suptitle("Accuracy against training tokens (solid: seen, trained on by then; dash-dot: pending, injected "
+                 "later; dashed: held-out; dotted: chance)")
     fig.tight_layout()
     return _save(fig, target)
 
@@ -180,12 +203,18 @@ def plot_memorization(table: list[dict], target: Path) -> Path:
         for col, model in enumerate(models):
             ax = axes[row][col]
             seen, held = _curve(table, model, task, "seen"), _curve(table, model, task, "held_out")
+            pending = _curve(table, model, task, "pending")
             if seen is not None:
                 ax.plot(seen[1], seen[2], "-o", ms=3, label="seen (memorized)", color="tab:blue")
+            if pending is not None:
+                ax.plot(pending[1], pending[2], "-.o", ms=3, label="pending (not yet injected)", color="tab:green")
             if held is not None:
                 ax.plot(held[1], held[2], "--o", ms=3, label="held-out (rule)", color="tab:orange")
-            if seen is not None and held is not None and len(seen[1]) == len(held[1]):
-                ax.fill_between(seen[1], held[2], seen[2], color="tab:blue", alpha=0.1)
+            if seen is not None and held is not None:
+                steps = np.intersect1d(seen[1], held[1])
+                if len(steps):
+                    ax.fill_between(steps, held[2][np.isin(held[1], steps)], seen[2][np.isin(seen[1], steps)],
+                                    color="tab:blue", alpha=0.1)
             _chance(ax, table, task)
             ax.set(title=f"{model}: {task}", xlabel="training step", ylabel="accuracy", ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
@@ -231,10 +260,13 @@ def plot_retention(rows: list[dict], target: Path) -> Path:
         mine = [r for r in seen if r["model"] == model]
         for ax, key, edges in ((axes[0], lambda r: r["steps_since_last"], gap_edges),
                                (axes[1], lambda r: r["exposures"], count_edges)):
-            x, acc, low, high, _ = _binned_accuracy(mine, key, edges)
+            x, acc, low, high, counts = _binned_accuracy(mine, key, edges)
             if x:
                 ax.errorbar(x, acc, yerr=np.clip([acc - low, high - acc], 0, None), marker="o", capsize=3,
                             color=colors[model], label=model)
+                for xi, yi, n in zip(x, high, counts):  # n per bin, above its interval
+                    ax.annotate(f"n={n}", (xi, yi), textcoords="offset points", xytext=(0, 3), ha="center",
+                                fontsize=6, color=colors[model])
     for ax, edges in ((axes[0], gap_edges), (axes[1], count_edges)):
         ax.set_xticks(range(len(edges) - 1), _bin_labels(edges), rotation=45, fontsize=7)
     axes[0].set(title="Retention: accuracy against time since the last exposure",
@@ -257,52 +289,139 @@ def final_rows(table: list[dict]) -> list[dict]:
 
 
 def plot_heatmap(table: list[dict], target: Path) -> Path:
+    """Final held-out accuracy relative to chance, (accuracy - chance) / (1 - chance); each cell also shows the
+    raw accuracy, chance and n."""
     import matplotlib.pyplot as plt
 
-    final = [r for r in final_rows(table) if r["split"] == "held_out"]
+    final = [r for r in final_rows(table) if r["split"] == "held_out" and r["n"]]
     models = _models(final) or _models(table)
     columns = sorted({(r["rate"] or 0, r["task"]) for r in final}, reverse=True)
     grid = np.full((len(models), max(1, len(columns))), np.nan)
+    cells = {}
     for r in final:
-        grid[models.index(r["model"]), columns.index((r["rate"] or 0, r["task"]))] = r["accuracy"]
-    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 1.4 * len(columns)), max(3.4, 1.6 + 0.6 * len(models))))
-    image = ax.imshow(grid, vmin=0, vmax=1, cmap="magma", aspect="auto")
-    for (i, j), value in np.ndenumerate(grid):
-        if not np.isnan(value):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+        i, j = models.index(r["model"]), columns.index((r["rate"] or 0, r["task"]))
+        grid[i, j] = r["normalized"]
+        cells[(i, j)] = f"{r['normalized']:+.2f}\nacc {r['accuracy']:.2f} / {r['chance']:.2f}\nn={r['n']}"
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 1.6 * len(columns)), max(3.4, 1.6 + 0.8 * len(models))))
+    image = ax.imshow(grid, vmin=-1, vmax=1, cmap="RdBu", aspect="auto")
+    for (i, j), text in cells.items():
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if abs(grid[i, j]) > 0.6 else "black")
     ax.set_xticks(range(len(columns)), [f"{task}\n{rate:.3g}/batch" for rate, task in columns], fontsize=7)
     ax.set_yticks(range(len(models)), models)
     ax.set(xlabel="task and injection rate (examples per batch)", ylabel="model size",
-           title="Final held-out accuracy")
-    fig.colorbar(image, ax=ax, label="accuracy")
+           title="Final held-out accuracy vs chance: (acc - chance) / (1 - chance)\n"
+                 "0 = chance, 1 = perfect; cells: that, acc / chance, n")
+    fig.colorbar(image, ax=ax, label="normalized accuracy")
     fig.tight_layout()
     return _save(fig, target)
 
 
-def write_summary_page(table: list[dict], out: Path, mechanism: list[str] = ()) -> list[Path]:
-    """summary.md and summary.html: the final accuracies, the four plots and any mechanism plots on one page."""
+def plot_answer_logprob(table: list[dict], target: Path) -> Path:
+    """Mean log-probability (top row) and mean rank (bottom row) of the right answer against step, per split."""
+    import matplotlib.pyplot as plt
+
+    tasks, models = sorted({r["task"] for r in table}), _models(table)
+    colors = _colors(models)
+    fig, axes = plt.subplots(2, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 6.6), squeeze=False)
+    for col, task in enumerate(tasks):
+        for row, (key, label) in enumerate((("mean_logprob", "log p(right answer)"), ("mean_rank", "rank of right answer"))):
+            ax = axes[row][col]
+            for model in models:
+                for split, style in SPLIT_STYLE.items():
+                    points = sorted((r["step"], r[key]) for r in table if r["model"] == model and r["task"] == task
+                                    and r["split"] == split and r["n"])
+                    if points:
+                        x, y = zip(*points)
+                        ax.plot(x, y, style, marker="o", ms=3, color=colors[model], label=f"{model} {split}")
+            ax.set(title=task if row == 0 else "", xlabel="training step", ylabel=label)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("The right answer's log-probability and rank (solid: seen, dash-dot: pending, dashed: held-out)")
+    fig.tight_layout()
+    return _save(fig, target)
+
+
+def plot_dolma_loss(table: list[dict], target: Path) -> Path:
+    """The Dolma validation loss per checkpoint and model."""
+    import matplotlib.pyplot as plt
+
+    models = _models(table)
+    colors = _colors(models)
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    for model in models:
+        points = sorted({(r["step"], r["dolma_loss"]) for r in table if r["model"] == model and r.get("dolma_loss") is not None})
+        if points:
+            x, y = zip(*points)
+            ax.plot(x, y, "-o", ms=3, color=colors[model], label=model)
+    if not any(r.get("dolma_loss") is not None for r in table):
+        ax.text(0.5, 0.5, "no Dolma loss in these results (evaluated before it was measured)", ha="center",
+                transform=ax.transAxes)
+    ax.set(title="Dolma validation loss (instances no planned batch holds)", xlabel="training step",
+           ylabel="mean next-token loss (nats)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, target)
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def write_summary_page(table: list[dict], out: Path, mechanism: list[str] = (), onsets: list[dict] = ()) -> list[Path]:
+    """summary.md and summary.html: the final accuracies, the onset table, the plots and any mechanism plots."""
     final = [r for r in final_rows(table) if r["exposures"] == "all"]
-    header = ["model", "step", "task", "rate", "split", "format", "n", "accuracy", "95% CI", "greedy exact"]
-    body = [[r["model"], r["step"], r["task"], f"{r['rate']:.3g}" if r["rate"] is not None else "", r["split"], r["format"],
-             r["n"], f"{r['accuracy']:.3f}", f"{r['ci_low']:.3f}-{r['ci_high']:.3f}", f"{r['greedy_exact']:.3f}"]
-            for r in final]
+    header = ["model", "step", "task", "rate", "split", "format", "n", "accuracy", "95% CI", "chance", "acc - chance",
+              "normalized", "calibrated", "greedy exact"]
+    body = [[r["model"], r["step"], r["task"], _fmt(r["rate"], ".3g"), r["split"], r["format"],
+             f"{r['n']} of {r['requested']}" if r.get("requested") is not None and r["n"] < r["requested"] else r["n"],
+             _fmt(r["accuracy"]), f"{r['ci_low']:.3f}-{r['ci_high']:.3f}" if r["n"] else "", _fmt(r["chance"]),
+             _fmt(r["above_chance"], "+.3f"), _fmt(r["normalized"], "+.3f"), _fmt(r.get("calibrated_accuracy")),
+             _fmt(r["greedy_exact"])] for r in final]
     models = sorted({r["model"] for r in table})
+    short = short_splits(table)
     intro = (f"{len(models)} model(s): {', '.join(models)}; steps evaluated: "
              f"{', '.join(str(s) for s in sorted({r['step'] for r in table}))}. Accuracy is ranked choice over each "
-             "task's answer candidates; intervals are 95% Wilson intervals. Every checkpoint's numbers are in results.csv.")
-    md = ["# olmo-inject report", "", intro, "", "## Final checkpoint of each model", "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+             "task's answer candidates; intervals are 95% Wilson intervals. seen: instances injected at or before "
+             "the checkpoint's step (every row exposed at least once); pending: instances the build injects only "
+             "after that step (not yet trained on: the control); held-out: never injected by any task on the same "
+             "instance space. normalized = (accuracy - chance) / (1 - chance). calibrated: ranked choice after "
+             "subtracting each candidate's log-probability under the content-free prompt. "
+             "Every checkpoint's numbers are in results.csv.")
+    notes = [(f"{len(short)} split cell(s) over all steps have fewer rows than asked (the build had fewer "
+              "instances of that split at that step; such n is shown as 'n of asked' and `requested` in results.csv).")
+             if short else "Every split has the number of rows asked for."]
+    onset_header = ["model", "task", "rate", "onset step", "onset tokens", "held-out accuracy", "chance", "n",
+                    "last step", "last normalized"]
+    onset_body = [[o["model"], o["task"], _fmt(o["rate"], ".3g"), o["onset_step"] if o["onset_step"] is not None else "not reached",
+                   o["onset_tokens"] or "", _fmt(o["accuracy"]), _fmt(o["chance"]), o["n"] or "", o["last_step"],
+                   _fmt(o["last_normalized"], "+.3f")] for o in onsets]
+    onset_intro = (f"First evaluated step whose held-out accuracy is at least {ONSET_THRESHOLD:g} of the way from "
+                   "chance to perfect and whose 95% interval lies above chance.")
+
+    def md_table(head, rows):
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + \
+               ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+    def html_table(head, rows):
+        return (["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+                + ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+                + ["</table>"])
+
+    md = ["# olmo-inject report", "", intro, "", *notes, "", "## Final checkpoint of each model", ""]
+    md += md_table(header, body)
+    md += ["", "## Grokking onset (held-out)", "", onset_intro, ""] + md_table(onset_header, onset_body)
     md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in PLOTS]
     if mechanism:
         md += ["", "## Mechanism analyses (`olmo-inject analyze`)", ""] + [f"![{p}]({p})" for p in mechanism]
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>olmo-inject report</title>",
             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}</style></head><body>",
-            "<h1>olmo-inject report</h1>", f"<p>{html.escape(intro)}</p>", "<h2>Final checkpoint of each model</h2>",
-            "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
-    page += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body]
-    page += ["</table><h2>Plots</h2>"] + [f"<p><img src='{p}' alt='{p}'></p>" for p in PLOTS]
+            "<h1>olmo-inject report</h1>", f"<p>{html.escape(intro)}</p>"] + [f"<p>{html.escape(n)}</p>" for n in notes]
+    page += ["<h2>Final checkpoint of each model</h2>"] + html_table(header, body)
+    page += ["<h2>Grokking onset (held-out)</h2>", f"<p>{html.escape(onset_intro)}</p>"] + html_table(onset_header, onset_body)
+    page += ["<h2>Plots</h2>"] + [f"<p><img src='{p}' alt='{p}'></p>" for p in PLOTS]
     if mechanism:
         page += ["<h2>Mechanism analyses (olmo-inject analyze)</h2>"] + [f"<p><img src='{p}' alt='{p}'></p>" for p in mechanism]
     page += ["</body></html>"]

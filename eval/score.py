@@ -8,11 +8,18 @@ multi-token candidates the prompts are run once with a key/value cache, the cach
 candidate, and only the candidates' tokens are run on top of it. Prompts are batched by length, so no
 padding ever enters a prompt (ai2-olmo takes no position ids, so left padding would shift its rotary
 positions); candidates are right-padded, which leaves the scores of their real positions unchanged.
+
+Calibrated ranked choice: raw log-probabilities favour some answers whatever the question (a frequent number,
+a short one). Each candidate's score is its log-probability after the item's prompt minus its log-probability
+after the content-free prompt (`EvalItem.null_context`: EOS and the template's text with every operand
+written as "N/A"; EOS alone for the tokens encoding), and the calibrated answer is the top calibrated score.
+`calibrated_correct` is true when the right answer alone has the top calibrated score.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,9 +47,42 @@ def _repeat_cache(cache, repeats: int):
     return [(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)) for k, v in cache]
 
 
-def score_items(model, items, pad: int, batch_size: int = 64) -> list[dict]:
-    """One result dict per item, in order (see `_result`)."""
-    results: list[dict | None] = [None] * len(items)
+class Query(NamedTuple):
+    context: list[int]
+    candidates: list[list[int]]
+    correct: int
+
+
+def score_items(model, items, pad: int, batch_size: int = 64, calibrate: bool = True) -> list[dict]:
+    """One result dict per item, in order (see `_result`); with `calibrate`, also the calibrated score."""
+    raw = candidate_scores(model, items, pad, batch_size)
+    results = [_result(it, scores, greedy) for it, (scores, greedy) in zip(items, raw)]
+    with_null = [i for i, it in enumerate(items) if calibrate and getattr(it, "null_context", None)]
+    nulls = null_scores(model, [items[i] for i in with_null], pad, batch_size)
+    for i, null in zip(with_null, nulls):
+        results[i].update(_calibrated(items[i], raw[i][0] - null))
+    return results
+
+
+def null_scores(model, items, pad: int, batch_size: int = 64) -> list[np.ndarray]:
+    """Each item's candidates scored after its content-free prompt; equal (prompt, candidates) scored once."""
+    keys = [(tuple(it.null_context), tuple(map(tuple, it.candidates))) for it in items]
+    unique = list(dict.fromkeys(keys))
+    scored = candidate_scores(model, [Query(list(k[0]), [list(c) for c in k[1]], 0) for k in unique], pad, batch_size)
+    by_key = {k: s for k, (s, _) in zip(unique, scored)}
+    return [by_key[k] for k in keys]
+
+
+def _calibrated(it, scores: np.ndarray) -> dict:
+    rank = int((scores > scores[it.correct]).sum()) + 1
+    return {"calibrated_correct": rank == 1 and int((scores == scores[it.correct]).sum()) == 1,
+            "calibrated_rank": rank}
+
+
+def candidate_scores(model, items, pad: int, batch_size: int = 64) -> list[tuple[np.ndarray, bool]]:
+    """(log-probability of each candidate after the item's context, teacher-forced greedy match of the right
+    one) per item, in order."""
+    results: list[tuple | None] = [None] * len(items)
     groups = defaultdict(list)  # equal prompt lengths batch without padding
     for i, it in enumerate(items):
         single = all(len(c) == 1 for c in it.candidates)
@@ -57,17 +97,17 @@ def score_items(model, items, pad: int, batch_size: int = 64) -> list[dict]:
     return results
 
 
-def _score_single(model, chunk) -> list[dict]:
+def _score_single(model, chunk) -> list[tuple[np.ndarray, bool]]:
     logp, _ = _run(model, torch.tensor([it.context for it in chunk]))
     out = []
     for row, it in enumerate(chunk):
         last = logp[row, -1]
         scores = np.array([float(last[c[0]]) for c in it.candidates])
-        out.append(_result(it, scores, int(last.argmax()) == it.candidates[it.correct][0]))
+        out.append((scores, int(last.argmax()) == it.candidates[it.correct][0]))
     return out
 
 
-def _score_multi(model, chunk, pad: int) -> list[dict]:
+def _score_multi(model, chunk, pad: int) -> list[tuple[np.ndarray, bool]]:
     """Prompt once with a cache, then every candidate's tokens after the first on top of it."""
     first, cache = _run(model, torch.tensor([it.context for it in chunk]), want_cache=True)
     first = first[:, -1]                          # predicts each candidate's first token
@@ -86,7 +126,7 @@ def _score_multi(model, chunk, pad: int) -> list[dict]:
             scores.append(sum(float(lp[t]) for lp, t in zip(steps, cand)))
             if c == it.correct:  # teacher-forced greedy: every answer token is the argmax
                 greedy = all(int(lp.argmax()) == t for lp, t in zip(steps, cand))
-        out.append(_result(it, np.array(scores), greedy))
+        out.append((np.array(scores), greedy))
     return out
 
 

@@ -1,14 +1,34 @@
-"""Eval sets from a build: seen instances (with their exposure history from the ledger) and held-out ones,
-rendered exactly as in training (same encoder, template, preceding EOS).
+"""Eval sets from a build, rendered exactly as in training (same encoder, template, preceding EOS).
+
+Three splits per task and checkpoint step s (`EvalSampler.items_at(s)`):
+- **seen**: instances the task injected whose first exposure is at or before s (trained on at least once);
+- **pending**: instances the task injected whose first exposure is after s (planned, not yet trained on:
+  the built-in control for `seen`);
+- **held_out**: instances of the task's held-out pool that no task on the same instance space injected.
+
+Exposures are counted per instance over every task on the same instance space (`space_key`: tasks with the
+same key render the same instance for the same item index), so an instance that another task showed counts
+as exposed, and each exposure remembers which task injected it.
+
+Sampling rule (fixed by the seed, independent of which checkpoints exist): every task's injected instances
+are put in one seeded random order, and so is its held-out pool. At step s, `seen` is the first `seen` instances
+of that order whose first exposure is <= s, `pending` the first `pending` whose first exposure is > s, and
+`held_out` the first `held_out` of the held-out order. Each split is thus a uniform random sample of its group,
+of the requested size or all of the group when it is smaller (an early checkpoint with 3 exposed instances
+gets those 3). An instance whose position in the order (`sample_rank`) is below min(seen, pending) is scored at
+every checkpoint: in `pending` until its first exposure, in `seen` from then on.
 
 With `unseen_templates`, text-encoded tasks are also asked in phrasings that training never used
 (`Task.unseen_templates`): a model that learned the rule answers those too, one that learned the
 format does not. Those items carry `format="unseen_template"`.
+
+Every item also carries a content-free context (`null_context`) for the calibrated score (see eval.score).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +37,61 @@ from inject.errors import InjectError
 from inject.ledger import read_ledger
 from inject.verify import BuildView
 
+NULL_NUMBER = "N/A"  # what replaces each operand in the content-free prompt
+
 
 @dataclass
 class EvalItem:
     spec: int
     task: str
-    split: str                 # "seen" or "held_out"
+    split: str                 # "seen", "pending" or "held_out" (at the step the item was drawn for)
     item: int                  # instance index in the task's space
     template: int              # index into the templates of `format`
     context: list[int]         # EOS + prompt tokens
     candidates: list[list[int]]
     correct: int               # index into candidates
-    exposure_steps: np.ndarray  # training steps at which this instance was injected (seen only)
+    exposure_steps: np.ndarray  # every training step at which a task on this space injected the instance
     format: str = "training"   # "training" (a training template) or "unseen_template"
+    exposure_tasks: list[str] = field(default_factory=list)  # the task that injected each exposure
+    first_exposure: int | None = None  # first of exposure_steps (None: never injected)
+    sample_rank: int = 0       # position in the split's fixed random order (see the module docstring)
+    requested: int = 0         # the size asked for this split
+    null_context: list[int] = field(default_factory=list)  # EOS + the content-free prompt
+
+
+def space_key(entry: dict, task=None) -> str:
+    """Which instance space a manifest task entry renders: the manifest's `space` when the build has one,
+    else the task kind and its full parameters (defaults included when `task` is given)."""
+    if entry.get("space") is not None:
+        return str(entry["space"])
+    params = asdict(task) if task is not None else (entry.get("params") or {})
+    return json.dumps([entry["task"], params], sort_keys=True)
+
+
+class Exposures:
+    """Every ledger row of the tasks on one instance space, grouped by instance (sorted by item, then step)."""
+
+    def __init__(self, ledger: np.ndarray, specs: list[int]):
+        mask = np.isin(np.asarray(ledger["spec"]), specs)
+        items = np.asarray(ledger["item"][mask], np.int64)
+        steps = np.asarray(ledger["step"][mask], np.int64)
+        spec = np.asarray(ledger["spec"][mask], np.int64)
+        order = np.lexsort((spec, steps, items))
+        self.items, self.steps, self.specs = items[order], steps[order], spec[order]
+
+    def history(self, item: int) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, specs) of every injection of `item`, in step order."""
+        lo, hi = np.searchsorted(self.items, item, "left"), np.searchsorted(self.items, item, "right")
+        return self.steps[lo:hi], self.specs[lo:hi]
+
+    def first_exposure(self, items: np.ndarray) -> np.ndarray:
+        """The first injection step of each item; 0 for an item never injected (steps are 1-based)."""
+        items = np.asarray(items, np.int64)
+        if not len(self.items):
+            return np.zeros(len(items), np.int64)
+        lo = np.searchsorted(self.items, items, "left")
+        hi = np.searchsorted(self.items, items, "right")
+        return np.where(hi > lo, self.steps[np.minimum(lo, len(self.items) - 1)], 0)
 
 
 def candidates_for(encoder, item: int, template: str | int) -> tuple[list[int], list[list[int]], int]:
@@ -54,6 +116,22 @@ def candidates_for(encoder, item: int, template: str | int) -> tuple[list[int], 
     return prompt, [tokenizer.encode(a, add_special_tokens=False) for a in answers], task.answer(instance)
 
 
+def null_prompt(encoder, template: str | int) -> list[int]:
+    """The content-free prompt of a template: its literal text with every operand written as "N/A"
+    (the modulus, part of the task's wording, stays); no prompt at all for the tokens encoding."""
+    from inject import tokenizer as tok
+    from inject.tasks import FIELDS
+
+    if encoder.config.encoding == "tokens":
+        return []
+    text = encoder.templates[template] if isinstance(template, int) else template
+    head = text[: -len("{answer}")]
+    values = {FIELDS[i]: NULL_NUMBER for i in range(len(encoder.task.instance(0)))}
+    prompt = head.format(p=getattr(encoder.task, "modulus", ""), **values)
+    prompt = prompt[:-1] if prompt.endswith(" ") else prompt  # as render_text: the space goes with the answer
+    return tok.load(encoder.tokenizer).encode(prompt, add_special_tokens=False)
+
+
 def task_info(build_dir: Path) -> dict[str, dict]:
     """Per task name: kind, complexity (digits or modulus), encoding and realized examples per batch."""
     from inject.build import load_manifest
@@ -70,33 +148,87 @@ def task_info(build_dir: Path) -> dict[str, dict]:
     return info
 
 
+@dataclass
+class TaskSample:
+    spec: int
+    name: str
+    encoder: object
+    exposures: Exposures
+    injected: np.ndarray       # the task's injected instances, in the fixed random order
+    first: np.ndarray          # their first exposure (over the whole space), aligned
+    held_out: np.ndarray       # held-out instances never injected by any task on the space, in fixed random order
+
+
+class EvalSampler:
+    """The fixed random orders of a build's eval instances; `items_at(step)` draws a checkpoint's splits."""
+
+    def __init__(self, build_dir: Path, seen: int = 200, held_out: int = 200, seed: int = 0,
+                 unseen_templates: bool = False, pending: int = 0):
+        self.view = BuildView.load(build_dir)
+        self.sizes = {"seen": seen, "pending": pending, "held_out": held_out}
+        self.seed, self.unseen_templates = seed, unseen_templates
+        self.last_step = int(self.view.manifest["injection"]["training"]["steps"])
+        tasks = self.view.manifest["injection"]["tasks"]
+        self.names = [t["name"] for t in tasks]
+        keys = [space_key(t, e.task) for t, e in zip(tasks, self.view.encoders)]
+        pools = np.load(Path(build_dir) / "pools.npz")
+        ledger = read_ledger(build_dir)
+        by_space = {key: Exposures(ledger, [s for s, k in enumerate(keys) if k == key]) for key in set(keys)}
+        self.tasks = []
+        for spec, encoder in enumerate(self.view.encoders):
+            exposures = by_space[keys[spec]]
+            rng = np.random.default_rng([seed, spec])
+            injected = rng.permutation(np.unique(np.asarray(ledger["item"][np.asarray(ledger["spec"]) == spec])))
+            held = rng.permutation(pools[f"held_out_{spec}"])
+            held = held[exposures.first_exposure(held) == 0]  # another task on the space injected the rest
+            self.tasks.append(TaskSample(spec, self.names[spec], encoder, exposures, injected,
+                                         exposures.first_exposure(injected), held))
+        self._rendered: dict[tuple, list[EvalItem]] = {}
+
+    def items_at(self, step: int | None = None) -> list[EvalItem]:
+        """The three splits at checkpoint step `step` (None: after the last planned step), task by task."""
+        step = self.last_step if step is None else int(step)
+        items = []
+        for t in self.tasks:
+            exposed = t.first <= step
+            chosen = {"seen": np.flatnonzero(exposed)[: self.sizes["seen"]],
+                      "pending": np.flatnonzero(~exposed)[: self.sizes["pending"]],
+                      "held_out": np.arange(min(self.sizes["held_out"], len(t.held_out)))}
+            for split, ranks in chosen.items():
+                pool = t.held_out if split == "held_out" else t.injected
+                for rank in ranks:
+                    items += self._render(t, int(pool[rank]), split, int(rank))
+        return items
+
+    def _render(self, t: TaskSample, item: int, split: str, rank: int) -> list[EvalItem]:
+        key = (t.spec, item, split, rank)
+        if key not in self._rendered:
+            encoder, eos = t.encoder, self.view.eos
+            steps, specs = t.exposures.history(item) if split != "held_out" else (np.zeros(0, np.int64),) * 2
+            history = dict(exposure_steps=steps, exposure_tasks=[self.names[s] for s in specs],
+                           first_exposure=int(steps[0]) if len(steps) else None, sample_rank=rank,
+                           requested=self.sizes[split])
+            rng = np.random.default_rng([self.seed, t.spec, item])  # the same phrasing at every checkpoint
+            template = int(rng.integers(len(encoder.templates)))
+            prompt, candidates, correct = candidates_for(encoder, item, template)
+            out = [EvalItem(t.spec, t.name, split, item, template, [eos, *prompt], candidates, correct,
+                            null_context=[eos, *null_prompt(encoder, template)], **history)]
+            extra = _unseen_templates(encoder) if self.unseen_templates else []
+            if extra:
+                index = int(rng.integers(len(extra)))
+                prompt, candidates, correct = candidates_for(encoder, item, extra[index])
+                out.append(EvalItem(t.spec, t.name, split, item, index, [eos, *prompt], candidates, correct,
+                                    format="unseen_template", null_context=[eos, *null_prompt(encoder, extra[index])],
+                                    **history))
+            self._rendered[key] = out
+        return self._rendered[key]
+
+
 def build_eval_set(build_dir: Path, seen: int = 200, held_out: int = 200, seed: int = 0,
-                   unseen_templates: bool = False) -> list[EvalItem]:
-    view = BuildView.load(build_dir)
-    pools = np.load(Path(build_dir) / "pools.npz")
-    ledger = read_ledger(build_dir)
-    items = []
-    for spec, encoder in enumerate(view.encoders):
-        name = view.manifest["injection"]["tasks"][spec]["name"]
-        rng = np.random.default_rng([seed, spec])
-        phrasing_rng = np.random.default_rng([seed, spec, 1])  # the training-format items do not depend on it
-        rows = ledger[ledger["spec"] == spec]
-        injected = np.unique(rows["item"])  # seen instances that were actually injected
-        extra = _unseen_templates(encoder) if unseen_templates else []
-        for split, pool, k in (("seen", injected, seen), ("held_out", pools[f"held_out_{spec}"], held_out)):
-            chosen = rng.choice(pool, size=min(k, len(pool)), replace=False) if len(pool) else []
-            for item in chosen:
-                steps = np.sort(rows["step"][rows["item"] == item]) if split == "seen" else np.zeros(0, np.int64)
-                template = int(rng.integers(len(encoder.templates)))
-                prompt, candidates, correct = candidates_for(encoder, int(item), template)
-                items.append(EvalItem(spec, name, split, int(item), template, [view.eos, *prompt], candidates,
-                                      correct, steps))
-                if extra:
-                    index = int(phrasing_rng.integers(len(extra)))
-                    prompt, candidates, correct = candidates_for(encoder, int(item), extra[index])
-                    items.append(EvalItem(spec, name, split, int(item), index, [view.eos, *prompt], candidates,
-                                          correct, steps, "unseen_template"))
-    return items
+                   unseen_templates: bool = False, pending: int = 0, step: int | None = None) -> list[EvalItem]:
+    """The eval items at checkpoint step `step`; with step None every injected instance counts as seen (the
+    state after the last planned step), which is what the probes and interference analyses sample from."""
+    return EvalSampler(build_dir, seen, held_out, seed, unseen_templates, pending).items_at(step)
 
 
 def _unseen_templates(encoder) -> list[str]:

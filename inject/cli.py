@@ -81,13 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes sharing the batches and the held-out scan; the "
                    "report is the same for any number (default: 1)")
 
-    p = _sub(sub, "eval", "score a run's checkpoints on the build's seen and held-out instances (skips finished steps)",
-             "olmo-inject eval runs/tiny --data olmo-inject-demo/build --seen 200 --held-out 200")
+    p = _sub(sub, "eval", "score a run's checkpoints on the build's seen, pending and held-out instances (skips finished steps)",
+             "olmo-inject eval runs/tiny --data olmo-inject-demo/build --seen 200 --pending 200 --held-out 200")
     p.add_argument("run", type=Path, help="a run folder (every stepN checkpoint in it) or one checkpoint folder: ai2-olmo "
                    "unsharded (stepN-unsharded/) or sharded (stepN/), or a Hugging Face model folder")
     p.add_argument("--data", type=Path, required=True, help="the build the run trained on")
     p.add_argument("--out", type=Path, help="results folder (default: RUN/eval)")
-    p.add_argument("--seen", type=int, default=200, help="seen instances per task (default: 200)")
+    p.add_argument("--seen", type=int, default=200,
+                   help="seen instances per task and checkpoint: injected at or before its step (default: 200)")
+    p.add_argument("--pending", type=int, default=200,
+                   help="pending instances per task and checkpoint: injected only after its step (default: 200)")
     p.add_argument("--held-out", type=int, default=200, help="held-out instances per task (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing instances and templates (default: 0)")
     p.add_argument("--unseen-templates", action="store_true",
@@ -342,7 +345,7 @@ def cmd_verify(args) -> int:
 def cmd_eval(args) -> int:
     from eval.run import evaluate
 
-    report = evaluate(args.run, args.data, out_dir=args.out, seen=args.seen, held_out=args.held_out, seed=args.seed,
+    report = evaluate(args.run, args.data, out_dir=args.out, seen=args.seen, held_out=args.held_out, pending=args.pending, seed=args.seed,
                       device=args.device, batch_size=args.batch_size, unseen_templates=args.unseen_templates)
     print(f"evaluated steps {report.evaluated or '-'}; already done {report.skipped or '-'}")
     for failure in report.failed:
@@ -452,8 +455,8 @@ def cmd_demo(args) -> int:
     from eval.report import make_report
     from eval.run import evaluate
 
-    print(f"[5/6] evaluating every checkpoint of {run} on seen and held-out instances")
-    result = evaluate(run, work / "build", seen=100, held_out=100)
+    print(f"[5/6] evaluating every checkpoint of {run} on seen (trained on by then), pending and held-out instances")
+    result = evaluate(run, work / "build", seen=100, pending=100, held_out=100)
     if result.failed:
         raise InjectError("evaluation failed: " + "; ".join(result.failed))
     print(f"  evaluated steps {result.evaluated}; results in {run / 'eval'}")

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -76,46 +77,181 @@ def test_scores_equal_a_direct_computation_and_an_untrained_model_is_at_chance(b
     assert low <= 1 / 13 <= high and len(mod) == 120
 
 
+def answer_logprob(model, context: list[int], candidate: list[int]) -> float:
+    """log p(candidate | context), from one unpadded forward pass."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([context + candidate])).logits[0].float(), -1)
+    return sum(float(logp[len(context) - 1 + k, t]) for k, t in enumerate(candidate))
+
+
+def test_the_calibrated_score_subtracts_each_candidate_under_the_content_free_prompt(build, tmp_path):
+    from inject import tokenizer as tok
+    from eval.run import load_checkpoint
+    from eval.score import score_items
+    from eval.sets import build_eval_set
+
+    save_checkpoint(tmp_path / "step0-unsharded", seed=2)
+    manifest = json.loads((build / "manifest.json").read_text())
+    model = load_checkpoint(tmp_path / "step0-unsharded", manifest, "cpu")
+    items = build_eval_set(build, seen=3, held_out=1)
+    tokenizer = tok.load(manifest["tokenizer"]["name"])
+    eos = manifest["tokenizer"]["eos_token_id"]
+    for it in items:
+        null = tokenizer.decode(it.null_context[1:])
+        assert it.null_context[0] == eos
+        assert null == {"mod13": "", "cmp2": "Which is larger, N/A or N/A?", "cmp4": "Which is larger, N/A or N/A?"}[it.task]
+    results = score_items(model, items, pad=1, batch_size=4)
+    for it, result in zip(items, results):
+        calibrated = [answer_logprob(model, it.context, c) - answer_logprob(model, it.null_context, c) for c in it.candidates]
+        rank = 1 + sum(c > calibrated[it.correct] + 1e-5 for c in calibrated)
+        assert result["calibrated_rank"] == rank and result["calibrated_correct"] == (rank == 1)
+
+
+def ledger_history(build: Path) -> dict[tuple[int, int], list[int]]:
+    """(spec, item) -> steps of its ledger rows, read directly."""
+    import numpy as np
+
+    ledger = np.load(build / "ledger.npy")
+    history: dict = {}
+    for row in ledger:
+        history.setdefault((int(row["spec"]), int(row["item"])), []).append(int(row["step"]))
+    return history
+
+
+def test_seen_pending_and_held_out_at_a_step_mean_what_they_say(build):
+    from eval.run import exposure_fields
+    from eval.sets import EvalSampler
+
+    history = ledger_history(build)
+    first = {key: min(steps) for key, steps in history.items()}
+    sampler = EvalSampler(build, seen=10, held_out=5, pending=10)
+    drawn = {}
+    for step in (0, 3, 20, 60):
+        items = sampler.items_at(step)
+        for spec, task in enumerate(["mod13", "cmp2", "cmp4"]):
+            mine = [it for it in items if it.spec == spec]
+            assert all(it.task == task for it in mine)
+            exposed = sum(1 for (s, _), f in first.items() if s == spec and f <= step)
+            unexposed = sum(1 for (s, _), f in first.items() if s == spec and f > step)
+            counts = {split: sum(it.split == split for it in mine) for split in ("seen", "pending", "held_out")}
+            assert counts == {"seen": min(10, exposed), "pending": min(10, unexposed), "held_out": 5}, (step, task)
+            for it in mine:
+                fields = exposure_fields(it, step)
+                steps = history.get((spec, it.item), [])
+                if it.split == "seen":
+                    assert fields["exposures"] == sum(s <= step for s in steps) >= 1
+                    assert fields["first_exposure"] == min(steps) <= step
+                    assert fields["exposures_by_task"] == {task: fields["exposures"]}
+                elif it.split == "pending":
+                    assert fields["exposures"] == 0 and fields["first_exposure"] == min(steps) > step
+                    assert fields["steps_since_last"] is None and fields["exposures_by_task"] == {}
+                else:
+                    assert not steps and fields["exposures"] == 0 and fields["first_exposure"] is None
+                drawn.setdefault((spec, it.item, it.split == "held_out"), []).append(
+                    (it.template, it.context, it.candidates, it.sample_rank))
+        followed = {(it.spec, it.item) for it in items if it.split != "held_out" and it.sample_rank < 10}
+        if step == 0:
+            always = followed
+        assert followed == always  # the first min(seen, pending) of the order are scored at every step
+    assert all(len(set(map(repr, renderings))) == 1 for renderings in drawn.values())  # same rendering each time
+    assert [(it.task, it.item, it.split) for it in EvalSampler(build, 10, 5, 0, False, 10).items_at(20)] == \
+        [(it.task, it.item, it.split) for it in sampler.items_at(20)]  # reproducible
+
+
+def test_exposures_count_every_task_on_the_same_instance_space(build, tmp_path):
+    """Two tasks declared on one space (the manifest's `space`) where one re-injects the other's instances:
+    each instance's exposures, first exposure and seen status count both tasks' rows."""
+    import numpy as np
+
+    from eval.run import exposure_fields
+    from eval.sets import EvalSampler
+
+    shared = tmp_path / "build"
+    shutil.copytree(build, shared)
+    manifest = json.loads((shared / "manifest.json").read_text())
+    for task in manifest["injection"]["tasks"][1:]:
+        task["space"] = "comparison-shared"
+    (shared / "manifest.json").write_text(json.dumps(manifest))
+    ledger = np.load(shared / "ledger.npy")
+    cmp2 = ledger[ledger["spec"] == 1]
+    late = np.unique(cmp2["item"][cmp2["step"] > 40])[:5]  # cmp2 instances cmp2 itself shows only after step 40
+    late = [i for i in late if cmp2["step"][cmp2["item"] == i].min() > 40]
+    cmp4_rows = np.flatnonzero(ledger["spec"] == 2)
+    early = cmp4_rows[ledger["step"][cmp4_rows] <= 20][: len(late)]
+    assert len(late) >= 2 and len(early) == len(late)
+    ledger["item"][early] = late  # cmp4 showed them first, before step 20
+    np.save(shared / "ledger.npy", ledger)
+
+    sampler = EvalSampler(shared, seen=1000, held_out=0, pending=1000)
+    items = {(it.task, it.item): it for it in sampler.items_at(20)}
+    for item, row in zip(late, early):
+        it = items[("cmp2", int(item))]
+        assert it.split == "seen" and it.first_exposure == ledger["step"][row] <= 20
+        fields = exposure_fields(it, 20)
+        assert fields["exposures"] == 1 and fields["exposures_by_task"] == {"cmp4": 1}
+        at_end = exposure_fields(it, 60)
+        own = int((cmp2["item"] == item).sum())
+        assert at_end["exposures_by_task"] == {"cmp2": own, "cmp4": 1} and at_end["exposures"] == own + 1
+        assert items[("cmp4", int(item))].split == "seen"  # the same instance, seen for both tasks
+    unshared = {(it.task, it.item): it.split for it in EvalSampler(build, 1000, 0, 0, False, 1000).items_at(20)}
+    assert all(unshared[("cmp2", int(item))] == "pending" for item in late)  # alone, cmp2 had not shown them
+
+
 def test_eval_is_incremental_and_reports_bad_checkpoints(build, tmp_path, capsys):
     run = tmp_path / "run"
     save_checkpoint(run / "step0-unsharded", seed=0)
-    assert run_cli("eval", run, "--data", build, "--seen", 10, "--held-out", 10) == 0
+    assert run_cli("eval", run, "--data", build, "--seen", 10, "--pending", 10, "--held-out", 10) == 0
     assert "evaluated steps [0]" in capsys.readouterr().out
     save_checkpoint(run / "step5-unsharded", seed=1)
     (run / "step7-unsharded").mkdir()  # half-written
     (run / "step9-unsharded").mkdir()
     (run / "step9-unsharded" / "config.yaml").write_text((run / "step0-unsharded" / "config.yaml").read_text())
     (run / "step9-unsharded" / "model.pt").write_bytes(b"not a checkpoint")
-    assert run_cli("eval", run, "--data", build, "--seen", 10, "--held-out", 10) == 1
+    assert run_cli("eval", run, "--data", build, "--seen", 10, "--pending", 10, "--held-out", 10) == 1
     captured = capsys.readouterr()
     assert "evaluated steps [5]; already done [0]" in captured.out
     assert "step7-unsharded: no config.yaml" in captured.err
     assert "step9-unsharded: cannot load the unsharded weights" in captured.err
     rows = [json.loads(l) for l in (run / "eval" / "step5.jsonl").read_text().splitlines()]
-    assert len(rows) == 60 and {r["split"] for r in rows} == {"seen", "held_out"}
-    seen = [r for r in rows if r["split"] == "seen"]
-    assert all(r["exposures"] >= 0 for r in seen) and any(r["exposures"] > 0 for r in seen)
+    assert {r["split"] for r in rows} == {"seen", "pending", "held_out"}
+    seen, pending = [r for r in rows if r["split"] == "seen"], [r for r in rows if r["split"] == "pending"]
+    assert all(r["exposures"] >= 1 and r["first_exposure"] <= 5 for r in seen)
+    assert all(r["exposures"] == 0 and r["first_exposure"] > 5 for r in pending)
     assert {r["model"] for r in rows} == {"tiny"} and rows[0]["tokens"] == 5 * 8 * 64
+    assert {r["dolma_sample"] for r in rows} == {"unplanned"} and len({r["dolma_loss"] for r in rows}) == 1
+    assert 5 < rows[0]["dolma_loss"] < 15  # an untrained model: about ln(50k) nats per token
+    first = {}
+    for spec, item, step in np.load(build / "ledger.npy")[["spec", "item", "step"]].tolist():
+        first[(spec, item)] = min(step, first.get((spec, item), step))
     with open(run / "eval" / "summary.csv") as f:
         summary = list(csv.DictReader(f))
     overall = [r for r in summary if r["exposures"] == "all"]
-    assert len(overall) == 2 * 3 * 2  # steps x tasks x splits
+    assert len(overall) == 2 * 3 * 3  # steps x tasks x splits
     for r in overall:
-        assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"]) and int(r["n"]) == 10
+        spec = ["mod13", "cmp2", "cmp4"].index(r["task"])
+        exposed = sum(1 for (s, _), f in first.items() if s == spec and f <= int(r["step"]))
+        available = {"seen": exposed, "pending": len([k for k in first if k[0] == spec]) - exposed, "held_out": 10}
+        assert int(r["n"]) == min(10, available[r["split"]]) and int(r["requested"]) == 10, r  # all where fewer
+        if int(r["n"]):
+            assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
+            assert float(r["above_chance"]) == pytest.approx(float(r["accuracy"]) - float(r["chance"]), abs=2e-4)
+        else:
+            assert r["accuracy"] == "" and r["split"] == "seen" and r["step"] == "0"  # shown, with n = 0
     buckets = [r for r in summary if r["exposures"] != "all"]
     assert buckets and all(r["split"] == "seen" for r in buckets)
     for (step, task) in {(r["step"], r["task"]) for r in buckets}:  # the buckets partition the seen instances
-        assert sum(int(r["n"]) for r in buckets if (r["step"], r["task"]) == (step, task)) == 10
+        total = next(int(r["n"]) for r in overall if (r["step"], r["task"], r["split"]) == (step, task, "seen"))
+        assert sum(int(r["n"]) for r in buckets if (r["step"], r["task"]) == (step, task)) == total
 
     (run / "step11-unsharded").mkdir()  # a model for another tokenizer
     config = yaml.safe_load((run / "step0-unsharded" / "config.yaml").read_text())
     config["model"]["vocab_size"] = 1000
     (run / "step11-unsharded" / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "step11-unsharded" / "model.pt").write_bytes(b"")
-    assert run_cli("eval", run, "--data", build, "--seen", 10, "--held-out", 10) == 1
+    assert run_cli("eval", run, "--data", build, "--seen", 10, "--pending", 10, "--held-out", 10) == 1
     assert "step11-unsharded: vocabulary 1000" in capsys.readouterr().err
 
-    assert run_cli("eval", run, "--data", build, "--seen", 20, "--held-out", 10) == 2  # other settings: refused
+    assert run_cli("eval", run, "--data", build, "--seen", 20, "--pending", 10, "--held-out", 10) == 2  # refused
     assert "seen differ" in capsys.readouterr().err
 
 
@@ -175,17 +311,20 @@ def memorized_run(build, tmp_path_factory) -> Path:
 def test_a_model_that_knows_the_answers_scores_one_in_every_checkpoint_format(build, memorized_run):
     from eval.run import evaluate, read_results
 
-    assert evaluate(memorized_run, build, seen=15, held_out=15).failed == []
+    assert evaluate(memorized_run, build, seen=15, held_out=15, pending=15).failed == []
     rows = [r for r in read_results(memorized_run / "eval") if r["step"] == 100]
     seen = [r for r in rows if r["split"] == "seen"]
     assert len(seen) == 45 and all(r["correct"] and r["greedy_exact"] and r["rank"] == 1 for r in seen)
-    untrained = [r for r in read_results(memorized_run / "eval") if r["step"] == 0 and r["split"] == "seen"]
-    assert sum(r["correct"] for r in untrained) < 40  # the step-0 checkpoint does not
+    untrained = [r for r in read_results(memorized_run / "eval") if r["step"] == 0]
+    assert not [r for r in untrained if r["split"] == "seen"]  # nothing was injected before step 1
+    pending = [r for r in untrained if r["split"] == "pending"]  # the same instances, not yet trained on
+    assert {(r["task"], r["item"]) for r in pending} == {(r["task"], r["item"]) for r in seen}
+    assert sum(r["correct"] for r in pending) < 40  # the step-0 checkpoint does not know them
     formats = memorized_run.parent / "formats"
     for folder, fmt in ((formats / "step100", "sharded"), (formats / "step100-hf", "hf")):
         out = formats / f"eval-{fmt}"
         assert (folder / "config.json").exists() == (fmt == "hf")
-        assert evaluate(folder, build, out_dir=out, seen=15, held_out=15).failed == []
+        assert evaluate(folder, build, out_dir=out, seen=15, held_out=15, pending=15).failed == []
         other = read_results(out)
         assert {r["checkpoint_format"] for r in other} == {fmt}
         assert [(r["task"], r["item"], r["correct"]) for r in other] == [(r["task"], r["item"], r["correct"]) for r in rows]
@@ -242,16 +381,16 @@ def test_report_writes_readable_plots_and_a_summary(build, memorized_run, tmp_pa
 
     from eval.run import evaluate
 
-    assert evaluate(memorized_run, build, seen=15, held_out=15).failed == []
+    assert evaluate(memorized_run, build, seen=15, held_out=15, pending=15).failed == []
     untrained = tmp_path / "small-run"
     save_checkpoint(untrained / "step0-unsharded", seed=3)
     save_checkpoint(untrained / "step50-unsharded", seed=4)
-    assert run_cli("eval", untrained, "--data", build, "--seen", 15, "--held-out", 15) == 0
+    assert run_cli("eval", untrained, "--data", build, "--seen", 15, "--pending", 15, "--held-out", 15) == 0
     for run in (memorized_run, untrained):  # the report also draws the mechanism analyses it finds
         assert run_cli("analyze", "probe", run, "--data", build, "--seen", 40, "--held-out", 20) == 0
     assert run_cli("report", memorized_run, untrained, "--out", tmp_path / "report") == 0
-    for name in ("accuracy_vs_tokens.png", "memorization_vs_generalization.png", "retention.png", "heatmap.png",
-                 "probe_vs_step.png", "probe_by_layer.png"):
+    for name in ("accuracy_vs_tokens.png", "memorization_vs_generalization.png", "answer_logprob.png", "retention.png",
+                 "heatmap.png", "dolma_loss.png", "probe_vs_step.png", "probe_by_layer.png"):
         image = matplotlib.image.imread(tmp_path / "report" / name)
         assert image.shape[0] >= 300 and image.shape[1] >= 400, name
         assert image[..., :3].std() > 0.05, f"{name} is blank"
@@ -263,8 +402,13 @@ def test_report_writes_readable_plots_and_a_summary(build, memorized_run, tmp_pa
     final = [r for r in table if r["step"] == "100" and r["split"] == "seen" and r["exposures"] == "all"]
     assert final and all(float(r["accuracy"]) == 1.0 for r in final)
     page = (tmp_path / "report" / "summary.html").read_text()
-    assert page.count("<img") == 6 and "tiny (small-run)" in page and "Mechanism analyses" in page
-    assert "| tiny (run) | 100 |" in (tmp_path / "report" / "summary.md").read_text()
+    assert page.count("<img") == 8 and "tiny (small-run)" in page and "Mechanism analyses" in page
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "| tiny (run) | 100 |" in summary and "Grokking onset" in summary
+    assert "| pending | training | 0 of 15 |" in summary  # step 100: every instance injected, none pending
+    with open(tmp_path / "report" / "onset.csv") as f:
+        onsets = list(csv.DictReader(f))
+    assert {(o["model"], o["task"]) for o in onsets} == {(m, t) for m in models for t in ("mod13", "cmp2", "cmp4")}
 
 
 def test_a_build_without_its_ledger_is_named(build, tmp_path, capsys):
@@ -285,11 +429,46 @@ def test_sharded_checkpoints_of_a_real_fsdp_run_score_like_its_unsharded_one(bui
     assert run_cli("train", TINY, "--data", build, "--run", run, "--distributed_strategy=fsdp", "--max_duration=3",
                    "--global_train_batch_size=8", "--device_train_microbatch_size=8", "--model.max_sequence_length=64") == 0
     assert (run / "step3" / "rank0.pt").exists() and (run / "step3-unsharded" / "model.pt").exists()
-    assert evaluate(run / "step3", build, out_dir=tmp_path / "sharded", seen=10, held_out=10).failed == []
-    assert evaluate(run / "step3-unsharded", build, out_dir=tmp_path / "unsharded", seen=10, held_out=10).failed == []
+    assert evaluate(run / "step3", build, out_dir=tmp_path / "sharded", seen=10, held_out=10, pending=10).failed == []
+    assert evaluate(run / "step3-unsharded", build, out_dir=tmp_path / "unsharded", seen=10, held_out=10, pending=10).failed == []
     sharded, unsharded = read_results(tmp_path / "sharded"), read_results(tmp_path / "unsharded")
     assert {r["checkpoint_format"] for r in sharded} == {"sharded"}
     assert [r["logprob"] for r in sharded] == [r["logprob"] for r in unsharded]
-    assert evaluate(run / "step0", build, out_dir=tmp_path / "step0", seen=10, held_out=10).failed == []
+    assert evaluate(run / "step0", build, out_dir=tmp_path / "step0", seen=10, held_out=10, pending=10).failed == []
     step0 = [r["logprob"] for r in read_results(tmp_path / "step0")]
     assert step0 != [r["logprob"] for r in sharded]  # three steps of training moved the scores
+
+
+def test_onset_is_the_first_step_whose_held_out_accuracy_is_halfway_above_chance_and_significant():
+    from eval.report import onset_table
+    from eval.run import summarize
+
+    def rows(model, step, hits, n=40, candidates=2):
+        return [{"model": model, "params": 1 if model == "small" else 2, "step": step, "tokens": step * 100,
+                 "task": "cmp", "kind": "comparison", "complexity": 2, "rate": 1.0, "split": "held_out",
+                 "format": "training", "exposures": 0, "correct": i < hits, "candidates": candidates,
+                 "greedy_exact": False, "logprob": -1.0, "rank": 1, "requested": n} for i in range(n)]
+
+    # large: step 10 is 30/40 = 0.75 (normalized 0.5, interval above 0.5): the onset; step 5 at 0.7 is not
+    table = summarize(rows("large", 0, 20) + rows("large", 5, 28) + rows("large", 10, 30) + rows("large", 20, 40)
+                      + rows("small", 0, 20) + rows("small", 10, 29) + rows("small", 20, 3, n=4))  # 3/4: CI too wide
+    onsets = {o["model"]: o for o in onset_table(table)}
+    assert onsets["large"]["onset_step"] == 10 and onsets["large"]["onset_tokens"] == 1000
+    assert onsets["large"]["accuracy"] == 0.75 and onsets["large"]["n"] == 40
+    assert onsets["small"]["onset_step"] is None and onsets["small"]["last_step"] == 20
+    assert [o["model"] for o in onset_table(table)] == ["small", "large"]  # smallest model first
+
+
+def test_the_probes_best_layer_is_chosen_on_validation_not_on_the_test_score():
+    from eval.probe import best_layers, validation_split
+
+    def row(step, layer, validation, score):
+        return {"model": "tiny", "task": "cmp2", "feature": "outcome", "step": step, "layer": layer,
+                "validation": validation, "score": score}
+
+    rows = [row(5, 0, 0.60, 0.90), row(5, 1, 0.80, 0.55), row(5, 2, 0.80, 0.99), row(9, 0, None, 1.0), row(9, 1, 0.7, 0.6)]
+    best = best_layers(rows)
+    assert best[("tiny", "cmp2", "outcome", 5)]["layer"] == 1  # not layer 2's test score, and the lower of a tie
+    assert best[("tiny", "cmp2", "outcome", 9)]["score"] == 0.6
+    fit, validation = validation_split(50, seed=0)
+    assert len(validation) == 10 and not set(fit) & set(validation) and len(fit) + len(validation) == 50
