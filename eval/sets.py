@@ -6,9 +6,9 @@ Three splits per task and checkpoint step s (`EvalSampler.items_at(s)`):
   the built-in control for `seen`);
 - **held_out**: instances of the task's held-out pool that no task on the same instance space injected.
 
-Exposures are counted per instance over every task on the same instance space (`space_key`: tasks with the
-same key render the same instance for the same item index), so an instance that another task showed counts
-as exposed, and each exposure remembers which task injected it.
+Exposures are counted per instance over every task on the same instance space (the manifest's `space`: tasks
+with the same space render the same instance for the same item index), so an instance that another task
+showed counts as exposed, and each exposure remembers which task injected it.
 
 Sampling rule (fixed by the seed, independent of which checkpoints exist): every task's injected instances
 are put in one seeded random order, and so is its held-out pool. At step s, `seen` is the first `seen` instances
@@ -27,8 +27,7 @@ Every item also carries a content-free context (`null_context`) for the calibrat
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,15 +56,6 @@ class EvalItem:
     sample_rank: int = 0       # position in the split's fixed random order (see the module docstring)
     requested: int = 0         # the size asked for this split
     null_context: list[int] = field(default_factory=list)  # EOS + the content-free prompt
-
-
-def space_key(entry: dict, task=None) -> str:
-    """Which instance space a manifest task entry renders: the manifest's `space` when the build has one,
-    else the task kind and its full parameters (defaults included when `task` is given)."""
-    if entry.get("space") is not None:
-        return str(entry["space"])
-    params = asdict(task) if task is not None else (entry.get("params") or {})
-    return json.dumps([entry["task"], params], sort_keys=True)
 
 
 class Exposures:
@@ -170,7 +160,7 @@ class EvalSampler:
         self.last_step = int(self.view.manifest["injection"]["training"]["steps"])
         tasks = self.view.manifest["injection"]["tasks"]
         self.names = [t["name"] for t in tasks]
-        keys = [space_key(t, e.task) for t, e in zip(tasks, self.view.encoders)]
+        keys = self.view.space_of_spec  # the manifest's `space` of each task (tasks on one space: one key)
         pools = np.load(Path(build_dir) / "pools.npz")
         ledger = read_ledger(build_dir)
         by_space = {key: Exposures(ledger, [s for s, k in enumerate(keys) if k == key]) for key in set(keys)}

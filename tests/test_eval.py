@@ -158,43 +158,45 @@ def test_seen_pending_and_held_out_at_a_step_mean_what_they_say(build):
         [(it.task, it.item, it.split) for it in sampler.items_at(20)]  # reproducible
 
 
-def test_exposures_count_every_task_on_the_same_instance_space(build, tmp_path):
-    """Two tasks declared on one space (the manifest's `space`) where one re-injects the other's instances:
-    each instance's exposures, first exposure and seen status count both tasks' rows."""
-    import numpy as np
+@pytest.fixture(scope="module")
+def shared_build(tmp_path_factory) -> Path:
+    """Two token tasks on one space in one `share` group: the same instances in the same order, `late` starting
+    at step 21 (so at step 20 it has shown nothing, while `early` has shown 20 instances)."""
+    folder = tmp_path_factory.mktemp("sharedbuild")
+    write_shard(folder / "c.jsonl", docs(make_texts(700)))
+    task = {"task": "modular_addition", "params": {"modulus": 13}, "encoding": "tokens", "pool": {"held_out": 0.3, "share": "g"}}
+    config = {"inputs": ["c.jsonl"], "sequence_length": 64, "training": {"global_batch_size": 4, "steps": 40},
+              "tasks": [{"name": "early", **task, "schedule": {"kind": "even", "rate": 1}},
+                        {"name": "late", **task, "schedule": {"kind": "even", "rate": 1, "start": 21}}]}
+    (folder / "b.yaml").write_text(yaml.safe_dump(config))
+    assert run_cli("build", folder / "b.yaml", "--out", folder / "build") == 0
+    return folder / "build"
 
+
+def test_exposures_count_every_task_on_the_same_instance_space(shared_build):
     from eval.run import exposure_fields
     from eval.sets import EvalSampler
 
-    shared = tmp_path / "build"
-    shutil.copytree(build, shared)
-    manifest = json.loads((shared / "manifest.json").read_text())
-    for task in manifest["injection"]["tasks"][1:]:
-        task["space"] = "comparison-shared"
-    (shared / "manifest.json").write_text(json.dumps(manifest))
-    ledger = np.load(shared / "ledger.npy")
-    cmp2 = ledger[ledger["spec"] == 1]
-    late = np.unique(cmp2["item"][cmp2["step"] > 40])[:5]  # cmp2 instances cmp2 itself shows only after step 40
-    late = [i for i in late if cmp2["step"][cmp2["item"] == i].min() > 40]
-    cmp4_rows = np.flatnonzero(ledger["spec"] == 2)
-    early = cmp4_rows[ledger["step"][cmp4_rows] <= 20][: len(late)]
-    assert len(late) >= 2 and len(early) == len(late)
-    ledger["item"][early] = late  # cmp4 showed them first, before step 20
-    np.save(shared / "ledger.npy", ledger)
-
-    sampler = EvalSampler(shared, seen=1000, held_out=0, pending=1000)
-    items = {(it.task, it.item): it for it in sampler.items_at(20)}
-    for item, row in zip(late, early):
-        it = items[("cmp2", int(item))]
-        assert it.split == "seen" and it.first_exposure == ledger["step"][row] <= 20
-        fields = exposure_fields(it, 20)
-        assert fields["exposures"] == 1 and fields["exposures_by_task"] == {"cmp4": 1}
-        at_end = exposure_fields(it, 60)
-        own = int((cmp2["item"] == item).sum())
-        assert at_end["exposures_by_task"] == {"cmp2": own, "cmp4": 1} and at_end["exposures"] == own + 1
-        assert items[("cmp4", int(item))].split == "seen"  # the same instance, seen for both tasks
-    unshared = {(it.task, it.item): it.split for it in EvalSampler(build, 1000, 0, 0, False, 1000).items_at(20)}
-    assert all(unshared[("cmp2", int(item))] == "pending" for item in late)  # alone, cmp2 had not shown them
+    ledger = np.load(shared_build / "ledger.npy")
+    manifest = json.loads((shared_build / "manifest.json").read_text())
+    assert len({t["space"] for t in manifest["injection"]["tasks"]}) == 1
+    sampler = EvalSampler(shared_build, seen=1000, held_out=1000, pending=1000)
+    names = ["early", "late"]
+    through_early = 0
+    for step in (10, 20, 30, 40):
+        for it in sampler.items_at(step):
+            fields = exposure_fields(it, step)
+            mine = ledger[(ledger["item"] == it.item) & (ledger["step"] <= step)]  # rows of both tasks
+            by_task = {names[s]: int((mine["spec"] == s).sum()) for s in (0, 1) if (mine["spec"] == s).any()}
+            assert fields["exposures"] == len(mine) and fields["exposures_by_task"] == by_task
+            if it.split == "held_out":
+                assert not (ledger["item"] == it.item).any()
+                continue
+            first = int(ledger["step"][ledger["item"] == it.item].min())
+            assert fields["first_exposure"] == first and (it.split == "seen") == (first <= step)
+            if it.task == "late" and it.split == "seen" and "late" not in by_task:
+                through_early += 1  # seen by the model only through the other task
+    assert through_early >= 10
 
 
 def test_eval_is_incremental_and_reports_bad_checkpoints(build, tmp_path, capsys):
