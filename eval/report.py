@@ -219,7 +219,7 @@ def plot_memorization(table: list[dict], target: Path) -> Path:
             ax.set(title=f"{model}: {task}", xlabel="training step", ylabel="accuracy", ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("From memorization to generalization (shaded: seen minus held-out)")
+    fig.suptitle("From memorization to generalization\n(shaded: seen minus held-out)")
     fig.tight_layout()
     return _save(fig, target)
 

@@ -28,7 +28,7 @@ from inject.build import load_manifest
 from .analysis import default_out, read_jsonl_folder, run_over_checkpoints
 from .checkpoints import STEP, find_checkpoints, load_checkpoint, load_model  # noqa: F401 (re-exported)
 from .score import score_items, wilson_interval
-from .sets import EvalSampler, task_info
+from .sets import EvalSampler, check_sizes, task_info
 
 DOLMA_INSTANCES = 8
 BUCKETS = [(0, 0, "0"), (1, 1, "1"), (2, 3, "2-3"), (4, 7, "4-7"), (8, 15, "8-15"), (16, 10**12, "16+")]
@@ -65,6 +65,7 @@ def exposure_fields(item, step: int) -> dict:
     last = item.exposure_steps[before]
     return {"exposures": int(before.sum()), "steps_since_last": int(step - last[-1]) if len(last) else None,
             "first_exposure": item.first_exposure, "exposures_by_task": dict(sorted(by_task.items())),
+            "twin_exposures": int((item.twin_steps <= step).sum()),
             "sample_rank": item.sample_rank, "requested": item.requested}
 
 
@@ -117,6 +118,7 @@ def exposure_bucket(exposures: int) -> str:
 def evaluate(path: Path, build_dir: Path, out_dir: Path | None = None, seen: int = 200, held_out: int = 200,
              seed: int = 0, device: str = "cpu", batch_size: int = 64, unseen_templates: bool = False,
              pending: int = 200, dolma_instances: int = DOLMA_INSTANCES) -> EvalReport:
+    check_sizes(seen=seen, pending=pending, held_out=held_out, dolma_instances=dolma_instances)
     path, build_dir = Path(path), Path(build_dir)
     out_dir = Path(out_dir) if out_dir else default_out(path, "eval")
     pad = load_manifest(build_dir)["tokenizer"]["pad_token_id"]

@@ -56,6 +56,8 @@ class EvalItem:
     sample_rank: int = 0       # position in the split's fixed random order (see the module docstring)
     requested: int = 0         # the size asked for this split
     null_context: list[int] = field(default_factory=list)  # EOS + the content-free prompt
+    twin_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """injection steps of the instance's other forms (the rest of its symmetry class: (b, a) for (a, b))"""
 
 
 class Exposures:
@@ -149,11 +151,19 @@ class TaskSample:
     held_out: np.ndarray       # held-out instances never injected by any task on the space, in fixed random order
 
 
+def check_sizes(**sizes: int) -> None:
+    """Split sizes are counts: a negative one is refused naming its option."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 0:
+            raise InjectError(f"--{name.replace('_', '-')}: expected a count of instances >= 0, got {value!r}")
+
+
 class EvalSampler:
     """The fixed random orders of a build's eval instances; `items_at(step)` draws a checkpoint's splits."""
 
     def __init__(self, build_dir: Path, seen: int = 200, held_out: int = 200, seed: int = 0,
                  unseen_templates: bool = False, pending: int = 0):
+        check_sizes(seen=seen, pending=pending, held_out=held_out)
         self.view = BuildView.load(build_dir)
         self.sizes = {"seen": seen, "pending": pending, "held_out": held_out}
         self.seed, self.unseen_templates = seed, unseen_templates
@@ -197,7 +207,7 @@ class EvalSampler:
             steps, specs = t.exposures.history(item) if split != "held_out" else (np.zeros(0, np.int64),) * 2
             history = dict(exposure_steps=steps, exposure_tasks=[self.names[s] for s in specs],
                            first_exposure=int(steps[0]) if len(steps) else None, sample_rank=rank,
-                           requested=self.sizes[split])
+                           requested=self.sizes[split], twin_steps=self._twin_steps(t, item))
             rng = np.random.default_rng([self.seed, t.spec, item])  # the same phrasing at every checkpoint
             template = int(rng.integers(len(encoder.templates)))
             prompt, candidates, correct = candidates_for(encoder, item, template)
@@ -212,6 +222,14 @@ class EvalSampler:
                                     **history))
             self._rendered[key] = out
         return self._rendered[key]
+
+    @staticmethod
+    def _twin_steps(t: TaskSample, item: int) -> np.ndarray:
+        """Every injection step of the other members of the item's symmetry class, ascending."""
+        task = t.encoder.task
+        _, members = task.class_members(task.class_of([item]))
+        steps = [t.exposures.history(int(m))[0] for m in members if int(m) != item]
+        return np.sort(np.concatenate(steps)) if steps else np.zeros(0, np.int64)
 
 
 def build_eval_set(build_dir: Path, seen: int = 200, held_out: int = 200, seed: int = 0,

@@ -147,6 +147,11 @@ def test_seen_pending_and_held_out_at_a_step_mean_what_they_say(build):
                     assert fields["steps_since_last"] is None and fields["exposures_by_task"] == {}
                 else:
                     assert not steps and fields["exposures"] == 0 and fields["first_exposure"] is None
+                instance = sampler.view.encoders[spec].task.instance(it.item)  # its twin: the operands swapped
+                twin = sampler.view.encoders[spec].task.index(tuple(reversed(instance)))
+                twin_steps = history.get((spec, twin), []) if twin != it.item else []
+                assert fields["twin_exposures"] == sum(s <= step for s in twin_steps)
+                assert it.split != "held_out" or not twin_steps  # split: symmetric, the default
                 drawn.setdefault((spec, it.item, it.split == "held_out"), []).append(
                     (it.template, it.context, it.candidates, it.sample_rank))
         followed = {(it.spec, it.item) for it in items if it.split != "held_out" and it.sample_rank < 10}
@@ -411,6 +416,13 @@ def test_report_writes_readable_plots_and_a_summary(build, memorized_run, tmp_pa
     with open(tmp_path / "report" / "onset.csv") as f:
         onsets = list(csv.DictReader(f))
     assert {(o["model"], o["task"]) for o in onsets} == {(m, t) for m in models for t in ("mod13", "cmp2", "cmp4")}
+
+
+def test_a_negative_split_size_is_refused_before_anything_is_written(build, tmp_path, capsys):
+    save_checkpoint(tmp_path / "run" / "step0-unsharded", seed=0)
+    assert run_cli("eval", tmp_path / "run", "--data", build, "--pending", -1) == 2
+    assert "--pending: expected a count of instances >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "eval").exists()
 
 
 def test_a_build_without_its_ledger_is_named(build, tmp_path, capsys):
