@@ -71,22 +71,29 @@ def exposure_fields(item, step: int) -> dict:
 
 def dolma_sample(build_dir: Path, count: int = DOLMA_INSTANCES, seed: int = 0) -> tuple[list[np.ndarray], str]:
     """(token rows, which kind) of `count` Dolma instances for the validation loss, see the module docstring."""
-    from inject.injection import olmo_order
+    from inject.config import TrainingConfig
+    from inject.configtools import from_dict
+    from inject.injection import training_order
     from inject.ledger import read_ledger
 
     manifest = load_manifest(build_dir)
-    t, L = manifest["injection"]["training"], manifest["sequence_length"]
-    order = olmo_order(manifest["injection"]["num_instances"], t["global_batch_size"], t["seed"], t.get("drop_last", False))
-    pool, kind = np.sort(order[t["steps"] * t["global_batch_size"]:]), "unplanned"
+    t = from_dict(TrainingConfig, manifest["injection"]["training"], "manifest.injection.training")
+    L = manifest["sequence_length"]
+    order = training_order(t, manifest["injection"]["num_instances"], L)  # the target trainer's order
+    pool, kind = np.sort(order[t.steps * t.global_batch_size:]), "unplanned"
     if not len(pool):
         injected = np.unique(np.asarray(read_ledger(build_dir)["instance"]))
         pool, kind = np.setdiff1d(np.arange(manifest["injection"]["num_instances"]), injected), "planned, not injected"
     chosen = np.sort(np.random.default_rng([seed, 7]).choice(pool, size=min(count, len(pool)), replace=False))
     files = [(np.memmap(Path(build_dir) / f["path"], dtype=manifest["dtype"], mode="r"), f["tokens"] // L)
              for f in manifest["outputs"]]
+    if t.trainer == "olmo-core":  # as verify reads it: each file chunked on its own, whole instance groups
+        from inject.order import olmo_core_num_instances
+
+        files = [(tokens, olmo_core_num_instances([n], t.instance_group(L))) for tokens, n in files]
     rows = []
     for index in chosen:
-        for tokens, instances in files:  # OLMo's MemMapDataset: each file holds tokens // L whole instances
+        for tokens, instances in files:  # each file holds `instances` whole instances of L tokens, in file order
             if index < instances:
                 rows.append(np.asarray(tokens[index * L : (index + 1) * L], np.int64))
                 break
