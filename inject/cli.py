@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path)
     p.add_argument("--png", type=Path, help="write a PNG of examples per step (first and last stretch of training)")
 
-    p = _sub(sub, "verify", "replay ai2-olmo's training data loader over a build and check every batch against plan and ledger",
+    p = _sub(sub, "verify", "replay the trainer's data loader over a build (ai2-olmo's; OLMo-core's order or, with --olmo-core-python, its own loader) and check every batch against plan and ledger",
              "olmo-inject verify build/ --train-config my-olmo-config.yaml\n  olmo-inject verify huge-build/ --sample 200")
     p.add_argument("build_dir", type=Path)
     p.add_argument("--train-config", type=Path, help="an OLMo TrainConfig YAML: check batch size, sequence length, seed, tokenizer, EOS, dtype")
@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the batches and the held-out scan; the "
                    "report is the same for any number (default: 1)")
+    p.add_argument("--olmo-core-python", help="a build for OLMo-core: read its batches with OLMo-core's own data loader, "
+                   "run by this python of an OLMo-core 3.0.0 environment (bash tests/install-olmo-core.sh: "
+                   ".venv-olmo-core/bin/python)")
+    p.add_argument("--ranks", type=int, default=1, help="with --olmo-core-python: data-parallel ranks the loader "
+                   "serves, each batch checked as their rows together (default: 1)")
 
     p = _sub(sub, "eval", "score a run's checkpoints on the build's seen, pending and held-out instances (skips finished steps)",
              "olmo-inject eval runs/tiny --data olmo-inject-demo/build --seen 200 --pending 200 --held-out 200")
@@ -335,9 +340,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import run_verify
+    from .verify import OlmoCoreLoader, run_verify
 
-    report = run_verify(args.build_dir, args.train_config, args.sample, args.seed, args.workers)
+    if args.ranks != 1 and not args.olmo_core_python:
+        raise InjectError("--ranks: only with --olmo-core-python (ai2-olmo's loader is replayed as one rank)")
+    olmo_core = OlmoCoreLoader(args.olmo_core_python, args.ranks) if args.olmo_core_python else None
+    report = run_verify(args.build_dir, args.train_config, args.sample, args.seed, args.workers, olmo_core)
     print(report.summary())
     return 0 if report.ok else 1
 

@@ -4,8 +4,9 @@ the plan and the ledger.
 Checks, each reported with the step/instance/file it concerns:
   order     the batches come from `olmo.data.build_train_dataloader` (MemMapDataset + IterableDataset);
             for a build made for OLMo-core (training.trainer: olmo-core), from OLMo-core 3.0.0's order as
-            inject/order.py computes it, read from the token files (tests/test_order_olmo_core.py iterates
-            OLMo-core's own NumpyFSLDataLoader over such builds; its repetition filter is not checked);
+            inject/order.py computes it, read from the token files, or with --olmo-core-python from OLMo-core's
+            own NumpyFSLDataLoader in that environment (each rank's rows also compared with inject/order.py's
+            order); OLMo-core's repetition filter is not checked;
             every batch holds exactly the planned number of examples of each task, found in the tokens
   ledger    every ledger row of a batch points at an instance of that batch, and its tokens are the
             example it names (preceded by EOS, followed by EOS); ledger counts equal the plan
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -282,20 +284,38 @@ def check_train_config(manifest: dict, path: Path, report: Report) -> None:
     report.checked["train config"] = str(path)
 
 
+@dataclass(frozen=True)
+class OlmoCoreLoader:
+    """Read an OLMo-core build's batches with OLMo-core's own data loader, in the environment of `python`
+    (inject/olmo_core_loader.py runs there), as `ranks` data-parallel ranks read them."""
+
+    python: str
+    ranks: int = 1
+
+
 def check_batches(view: BuildView, ledger: np.ndarray, report: Report, sample: int | None, seed: int,
-                  workers: int = 1) -> None:
+                  workers: int = 1, olmo_core: OlmoCoreLoader | None = None) -> None:
     t = view.manifest["injection"]["training"]
+    if olmo_core is not None and trainer_of(view.manifest) != "olmo-core":
+        raise InjectError(f"--olmo-core-python: {view.path} was built for {trainer_of(view.manifest)}'s order, not OLMo-core's")
+    if olmo_core is not None and (olmo_core.ranks < 1 or t["global_batch_size"] % olmo_core.ranks):
+        raise InjectError(f"--ranks: {olmo_core.ranks} ranks do not split a batch of {t['global_batch_size']} instances "
+                          f"(OLMo-core needs whole instances per rank)")
     steps = t["steps"]
     chosen = list(range(1, steps + 1)) if sample is None else sorted(
         np.random.default_rng(seed).choice(np.arange(1, steps + 1), size=min(sample, steps), replace=False).tolist())
     parts = [part.tolist() for part in np.array_split(np.array(chosen, dtype=np.int64), max(1, workers)) if len(part)]
     if len(parts) == 1:
-        report.absorb(_check_steps(view, ledger, parts[0]))
+        report.absorb(_check_steps(view, ledger, parts[0], olmo_core))
     else:  # contiguous ranges of steps, one per process, merged in step order: the same report as one process
-        for part in _in_processes(_check_steps_of_build, [(str(view.path), p) for p in parts]):
+        for part in _in_processes(_check_steps_of_build, [(str(view.path), p, olmo_core) for p in parts]):
             report.absorb(part)
-    source = ("OLMo-core 3.0.0's order (inject/order.py) over the token files" if trainer_of(view.manifest) == "olmo-core"
-              else "ai2-olmo build_train_dataloader")
+    if olmo_core is not None:
+        source = f"OLMo-core's own NumpyFSLDataLoader, {olmo_core.ranks} rank(s), in {olmo_core.python}"
+    elif trainer_of(view.manifest) == "olmo-core":
+        source = "OLMo-core 3.0.0's order (inject/order.py) over the token files"
+    else:
+        source = "ai2-olmo build_train_dataloader"
     report.checked["batches checked"] = f"{len(chosen)} of {steps} ({source})"
 
 
@@ -314,14 +334,14 @@ def _in_processes(function, jobs: list) -> list:
     return results
 
 
-def _check_steps_of_build(args: tuple[str, list[int]]) -> Report:
-    build_dir, steps = args
+def _check_steps_of_build(args: tuple[str, list[int], OlmoCoreLoader | None]) -> Report:
+    build_dir, steps, olmo_core = args
     view = BuildView.load(Path(build_dir))
     view.manifest["_dir"] = Path(build_dir).resolve()
-    return _check_steps(view, read_ledger(build_dir), steps)
+    return _check_steps(view, read_ledger(build_dir), steps, olmo_core)
 
 
-def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int]) -> Report:
+def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int], olmo_core: OlmoCoreLoader | None = None) -> Report:
     """Replay the target trainer's loader over the given steps (ascending); consecutive steps are read in one pass."""
     manifest, report = view.manifest, Report()
     t = manifest["injection"]["training"]
@@ -332,8 +352,13 @@ def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int]) -> Repo
     planned = np.zeros((steps, len(view.group_names)), dtype=np.int64)
     for spec, group in enumerate(view.group_of_spec):
         planned[:, group] += view.counts[:, spec]
-    batches = _olmo_core_batches if trainer_of(manifest) == "olmo-core" else _ai2_olmo_batches
-    for step, batch in batches(manifest, chosen, use_filter):
+    if olmo_core is not None:
+        batches = _olmo_core_loader_batches(manifest, chosen, olmo_core, report)
+    elif trainer_of(manifest) == "olmo-core":
+        batches = _olmo_core_batches(manifest, chosen)
+    else:
+        batches = _ai2_olmo_batches(manifest, chosen, use_filter)
+    for step, batch in batches:
         _check_batch(view, ledger[rows_of_step[step - 1] : rows_of_step[step]], batch, step, planned[step - 1], report,
                      use_filter, longest)
     return report
@@ -361,7 +386,7 @@ def _ai2_olmo_batches(manifest: dict, chosen: list[int], use_filter: bool):
             yield step, batch
 
 
-def _olmo_core_batches(manifest: dict, chosen: list[int], use_filter: bool):
+def _olmo_core_batches(manifest: dict, chosen: list[int]):
     """(step, batch) as OLMo-core 3.0.0's NumpyFSLDataLoader reads the build (one rank): its order
     (inject/order.py) over instances of sequence_length tokens, each file chunked on its own."""
     t = from_dict(TrainingConfig, manifest["injection"]["training"], "manifest.injection.training")
@@ -380,6 +405,63 @@ def _olmo_core_batches(manifest: dict, chosen: list[int], use_filter: bool):
         where = np.searchsorted(starts, index, side="right") - 1
         ids = np.stack([files[f][(i - starts[f]) * L : (i - starts[f] + 1) * L] for f, i in zip(where, index)])
         yield step, {"input_ids": ids.astype(np.int64), "index": index}
+
+
+def _olmo_core_loader_batches(manifest: dict, chosen: list[int], olmo_core: OlmoCoreLoader, report: Report):
+    """(step, batch) as OLMo-core's own NumpyFSLDataLoader yields it to `olmo_core.ranks` ranks (their rows
+    concatenated), read from inject/olmo_core_loader.py run by `olmo_core.python`. Each rank's rows are also
+    compared with inject/order.py's order (an `order` failure names the rank)."""
+    import subprocess
+
+    t = from_dict(TrainingConfig, manifest["injection"]["training"], "manifest.injection.training")
+    L, B, W = manifest["sequence_length"], t.global_batch_size, olmo_core.ranks
+    order = training_order(t, manifest["injection"]["num_instances"], L)
+    tok = manifest["tokenizer"]
+    job = {"paths": [str(manifest["_dir"] / f["path"]) for f in manifest["outputs"]], "dtype": manifest["dtype"],
+           "sequence_length": L, "global_batch_size_tokens": t.global_batch_size_tokens, "seed": t.seed,
+           "max_target_sequence_length": t.max_target_sequence_length, "world_size": W, "steps": chosen,
+           "pad_token_id": tok["pad_token_id"], "eos_token_id": tok["eos_token_id"], "vocab_size": tok["vocab_size"]}
+    dtype = np.dtype(manifest["dtype"])
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}  # that environment's own
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        with open(Path(tmp) / "stderr", "w+b") as errors:
+            try:
+                child = subprocess.Popen([olmo_core.python, str(Path(__file__).with_name("olmo_core_loader.py")),
+                                          str(Path(tmp) / "job.json")], stdout=subprocess.PIPE, stderr=errors, env=env)
+            except OSError as e:
+                raise InjectError(f"--olmo-core-python: cannot run {olmo_core.python}: {e.strerror}") from None
+            try:
+                for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
+                    header = _read_exact(child, 3 * 8, errors, olmo_core.python)
+                    got_step, count, ranks = np.frombuffer(header, np.int64).tolist()
+                    index = np.frombuffer(_read_exact(child, count * 8, errors, olmo_core.python), np.int64)
+                    ids = np.frombuffer(_read_exact(child, count * L * dtype.itemsize, errors, olmo_core.python), dtype)
+                    if (got_step, count, ranks) != (step, B, W):
+                        raise InjectError(f"--olmo-core-python: OLMo-core's loader answered step {got_step} with {count} "
+                                          f"instances over {ranks} ranks; expected step {step}, {B} instances, {W} ranks")
+                    planned = order[(step - 1) * B : step * B]
+                    for rank, rows in enumerate(index.reshape(W, -1)):
+                        if not np.array_equal(rows, planned[rank::W]):
+                            report.fail("order", f"step {step}: OLMo-core's loader gives rank {rank} of {W} instances "
+                                                 f"{rows[:8].tolist()}..., the build's order {planned[rank::W][:8].tolist()}...")
+                    yield step, {"input_ids": ids.reshape(count, L).astype(np.int64), "index": index}
+                if child.wait() != 0:
+                    _read_exact(child, 1, errors, olmo_core.python)  # raises, naming the exit code and stderr
+            finally:
+                if child.poll() is None:  # stopped early (an error here): the loader is not needed any more
+                    child.kill()
+                    child.wait()
+
+
+def _read_exact(child, size: int, errors, python: str) -> bytes:
+    data = child.stdout.read(size)
+    if len(data) != size:
+        child.wait()
+        errors.seek(0)
+        tail = errors.read().decode(errors="replace")[-2000:]
+        raise InjectError(f"--olmo-core-python: OLMo-core's data loader in {python} stopped (exit {child.returncode}):\n{tail}")
+    return data
 
 
 def _check_batch(view, rows, batch, step, planned, report, use_filter, longest) -> None:
@@ -595,8 +677,9 @@ def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
 
 
 def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | None = None, seed: int = 0,
-               workers: int = 1) -> Report:
-    """Every check; `workers` processes share the batch replay and the held-out scan (same report)."""
+               workers: int = 1, olmo_core: OlmoCoreLoader | None = None) -> Report:
+    """Every check; `workers` processes share the batch replay and the held-out scan (same report). `olmo_core`:
+    an OLMo-core build's batches come from OLMo-core's own data loader in that environment."""
     view = BuildView.load(build_dir)
     view.manifest["_dir"] = Path(build_dir).resolve()
     ledger = read_ledger(build_dir)
@@ -605,7 +688,7 @@ def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | 
     if train_config is not None:
         check_train_config(view.manifest, train_config, report)
     check_ledger_against_plan(view, ledger, report)
-    check_batches(view, ledger, report, sample, seed, workers)
+    check_batches(view, ledger, report, sample, seed, workers, olmo_core)
     check_held_out(view, ledger, report, workers)
     check_held_out_twins(view, ledger, report)
     check_dolma(view, ledger, report)

@@ -273,3 +273,46 @@ def test_files_must_hold_whole_groups_of_max_target_sequence_length():
     config.instances_per_file = 99
     config.validate()
     assert config.training.global_batch_size == 8 and config.training.instance_group(64) == 3
+
+
+@pytest.mark.parametrize("name, args", [
+    ("neox-start", ["--ranks", "3"]),
+    ("dolma2-boundary-grouped", ["--ranks", "2", "--sample", "7"]),
+])
+def test_verify_reads_an_olmo_core_build_with_olmo_cores_own_loader(olmo_core_builds, name, args, capsys):
+    from conftest import run_cli
+
+    assert run_cli("verify", olmo_core_builds[name], "--olmo-core-python", olmo_core_python(), *args) == 0
+    out = capsys.readouterr().out
+    ranks = args[1]
+    assert f"OLMo-core's own NumpyFSLDataLoader, {ranks} rank(s)" in out, out
+
+
+def test_verify_names_a_batch_where_olmo_cores_loader_and_the_build_order_differ(olmo_core_builds, monkeypatch, capsys):
+    import inject.verify
+    from conftest import run_cli
+
+    real = inject.verify.training_order
+
+    def swapped(*args):  # the build's order with batches 2 and 3 swapped
+        order = real(*args).copy()
+        order[B_BUILD : 2 * B_BUILD], order[2 * B_BUILD : 3 * B_BUILD] = order[2 * B_BUILD : 3 * B_BUILD].copy(), order[B_BUILD : 2 * B_BUILD].copy()
+        return order
+
+    monkeypatch.setattr(inject.verify, "training_order", swapped)
+    assert run_cli("verify", olmo_core_builds["neox-start"], "--olmo-core-python", olmo_core_python()) == 1
+    out = capsys.readouterr().out
+    assert "step 2: OLMo-core's loader gives rank 0 of 1 instances" in out, out
+    assert "step 3: OLMo-core's loader gives rank 0 of 1 instances" in out and "step 4:" not in out, out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ranks", "4", "--olmo-core-python", "python"], "--ranks: 4 ranks do not split a batch of 6 instances"),
+    (["--ranks", "2"], "--ranks: only with --olmo-core-python"),
+    (["--olmo-core-python", "/nonexistent/python"], "--olmo-core-python: cannot run /nonexistent/python"),
+])
+def test_verify_refuses_bad_olmo_core_options(olmo_core_builds, args, message, capsys):
+    from conftest import run_cli
+
+    assert run_cli("verify", olmo_core_builds["neox-start"], *args) == 2
+    assert message in capsys.readouterr().err
