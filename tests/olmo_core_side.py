@@ -1,5 +1,6 @@
 """Run by the OLMo-core 3.0.0 virtual environment's python (tests/install-olmo-core.sh), never imported by the
-main suite: OLMo-core's own NumpyFSLDataset + NumpyFSLDataLoader over token files, reporting what they read.
+main suite: OLMo-core's own NumpyFSLDataset + NumpyFSLDataLoader over token files (made as verify makes them,
+inject/olmo_core_loader.py), reporting what they read.
 
     python olmo_core_side.py order JOB.json OUT.npz
         JOB: {paths, dtype, sequence_length, batch_instances, seeds, max_target_sequence_length, world_sizes}
@@ -17,36 +18,32 @@ import hashlib
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
-from olmo_core.data import DataCollator, NumpyDataLoaderBase, NumpyFSLDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "inject"))
+from olmo_core_loader import loaders  # noqa: E402  (by path: the inject package needs the main environment)
 
 
-def make_loader(job: dict, seed: int, world_size: int, rank: int, work_dir: str):
-    L = job["sequence_length"]
-    dataset = NumpyFSLDataset(*job["paths"], sequence_length=L, pad_token_id=job.get("pad_token_id", 0),
-                              eos_token_id=job.get("eos_token_id", 0), vocab_size=job.get("vocab_size", 65536),
-                              dtype=getattr(np, job["dtype"]), max_target_sequence_length=job["max_target_sequence_length"])
-    dataset.work_dir = work_dir
-    dataset.prepare()
-    loader = NumpyDataLoaderBase.wrap_numpy_dataset(
-        dataset, global_batch_size=job["batch_instances"] * L, collator=DataCollator(pad_token_id=job.get("pad_token_id", 0)),
-        work_dir=work_dir, seed=seed, dp_world_size=world_size, dp_rank=rank, fs_local_rank=0)
-    loader.reshuffle()  # a fresh run: OLMo-core picks its first epoch
-    return dataset, loader
+def rank_loaders(job: dict, seed: int, world_size: int, work_dir: str) -> tuple:
+    """(dataset, one loader per rank) as inject/olmo_core_loader.py makes them for verify."""
+    spec = {"pad_token_id": 0, "eos_token_id": 0, "vocab_size": 65536, **job, "seed": seed, "world_size": world_size,
+            "global_batch_size_tokens": job["batch_instances"] * job["sequence_length"]}
+    ranks = loaders(spec, work_dir)
+    return ranks[0].dataset, ranks
 
 
 def order(job: dict, out: str) -> None:
     arrays = {}
     with tempfile.TemporaryDirectory() as work_dir:
         for seed in job["seeds"]:
-            dataset, loader = make_loader(job, seed, 1, 0, work_dir)
+            dataset, (loader,) = rank_loaders(job, seed, 1, work_dir)
             arrays["num_instances"] = np.array(len(dataset))
             arrays[f"epoch_{seed}"] = np.array(loader.epoch)
             arrays[f"global_{seed}"] = np.asarray(loader.get_global_indices()[: loader.total_size], dtype=np.uint32)
             for world_size in job["world_sizes"]:
-                for rank in range(world_size):
-                    _, ranked = make_loader(job, seed, world_size, rank, work_dir)
+                for rank, ranked in enumerate(rank_loaders(job, seed, world_size, work_dir)[1]):
                     local = np.asarray(ranked._get_local_instance_indices(ranked.get_global_indices()), dtype=np.uint32)
                     arrays[f"local_{seed}_{world_size}_{rank}"] = np.array(hashlib.sha256(local.tobytes()).hexdigest())
     np.savez(out, **arrays)
@@ -56,8 +53,7 @@ def batches(job: dict, out: str) -> None:
     arrays = {}
     for run, spec in enumerate(job["runs"]):
         with tempfile.TemporaryDirectory() as work_dir:
-            for rank in range(spec["world_size"]):
-                _, loader = make_loader(spec, spec["seed"], spec["world_size"], rank, work_dir)
+            for rank, loader in enumerate(rank_loaders(spec, spec["seed"], spec["world_size"], work_dir)[1]):
                 for step, batch in enumerate(loader, start=1):
                     if step > spec["steps"]:
                         break

@@ -316,3 +316,12 @@ def test_verify_refuses_bad_olmo_core_options(olmo_core_builds, args, message, c
 
     assert run_cli("verify", olmo_core_builds["neox-start"], *args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_data_block_of_an_olmo_core_build_carries_olmo_cores_order_fields(olmo_core_builds):
+    import yaml
+
+    block = yaml.safe_load((olmo_core_builds["dolma2-boundary-grouped"] / "olmo-data.yaml").read_text())
+    assert block["dataset"] == {"sequence_length": L_BUILD, "max_target_sequence_length": 2 * L_BUILD}
+    assert block["data_loader"] == {"global_batch_size": B_BUILD * L_BUILD, "seed": 11}
+    assert "global_train_batch_size" not in block and "epoch" not in block  # ai2-olmo's fields would read another order
