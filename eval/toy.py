@@ -20,10 +20,18 @@ The spacing experiment takes one rare task (by default the rarest) out of the ra
 delivers it on a schedule instead: the same number of examples per step on average, as `rate`
 examples every step, or `rate * gap` examples every `gap` steps. The rest of each batch is the same
 stream of the other tasks under every schedule. Its held-out loss and accuracy are measured every
-step, for a narrow and a wide model, so that what happens between bursts is visible.
+step, for a narrow and a wide model, so that what happens between bursts is visible. The narrow
+model gets more initializations (it is cheap, and its effects are small against its seed-to-seed
+spread); every table gives the spread over initializations, and the gaps are compared per
+initialization (the same initial weights and data under every gap: a paired comparison).
 
-Outputs (`run_toy`): config.json, results.csv, spacing.csv, toy.png and summary.md, written to a
-temporary folder that is renamed to the output folder when complete. Same config: same CSV bytes.
+The control: the narrow widths are also trained on the rarest task *alone* (its examples from the
+same stream, at the same steps, the other tasks left out). A width that learns it alone but not in
+the mixture drops it for lack of capacity shared with the other tasks (competition), not because it
+cannot represent or find it.
+
+Outputs (`run_toy`): config.json, results.csv, alone.csv, spacing.csv, toy.png and summary.md, written
+to a temporary folder that is renamed to the output folder when complete. Same config: same CSV bytes.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import torch.nn.functional as F
 from inject.errors import ConfigError, InjectError
 
 RESULT_FIELDS = ["width", "repeat", "params", "task", "frequency", "complexity", "step", "examples_seen", "accuracy", "loss"]
+ALONE_FIELDS = ["width", "repeat", "task", "step", "examples_seen", "accuracy", "loss"]
 SPACING_FIELDS = ["gap", "burst", "width", "repeat", "step", "examples_seen", "steps_since_burst", "accuracy", "loss"]
 
 
@@ -74,13 +83,17 @@ class ToyConfig:
     eval_samples: int = 1000
     """Held-out samples per task for evaluation."""
     repeats: int = 3
-    """Models per width, each with its own initial weights (same data); tables and plots show their mean."""
+    """Models per width, each with its own initial weights (same data); tables give mean ± std over them."""
     seed: int = 0
     """Seed of the task subsets, the initial weights, the training stream and the held-out samples."""
     threads: int = 1
     """torch CPU threads while the experiment runs (results are reproducible for a fixed value)."""
     spacing_widths: tuple[int, ...] = (16, 512)
     """Widths (narrow, wide) trained in the spacing experiment; empty: skip it."""
+    spacing_repeats: tuple[int, ...] = (12, 2)
+    """Initializations per spacing width, one value per width (empty: `repeats` each): many of the narrow
+    model, whose effects are small against its seed-to-seed spread and which costs little; two of the wide
+    one, which saturates (accuracy 1.0 under every schedule) and costs most of the run."""
     spacing_gaps: tuple[int, ...] = (1, 10, 50)
     """Steps between deliveries of the spacing task: 1 is every step; each gap is one training run."""
     spacing_task: int = 0
@@ -93,6 +106,9 @@ class ToyConfig:
     """Training steps of each spacing run."""
     spacing_eval_samples: int = 512
     """Held-out samples of the spacing task, evaluated every step."""
+    alone_widths: tuple[int, ...] = (8, 16, 32, 64)
+    """Widths also trained on the rarest task alone (its examples from the capacity run's stream, the other
+    tasks left out; the same initial weights): the control that tells competition from inability. Empty: skip."""
 
     def validate(self) -> ToyConfig:
         def need(ok: bool, name: str, message: str) -> None:
@@ -116,6 +132,12 @@ class ToyConfig:
         need(all(isinstance(w, int) and w >= 1 for w in self.spacing_widths), "spacing_widths",
              "must be positive integers")
         need(len(set(self.spacing_widths)) == len(self.spacing_widths), "spacing_widths", "must not repeat")
+        need(all(isinstance(r, int) and r >= 1 for r in self.spacing_repeats), "spacing_repeats", "must be positive integers")
+        need(not self.spacing_widths or not self.spacing_repeats or len(self.spacing_repeats) == len(self.spacing_widths),
+             "spacing_repeats",
+             f"needs one value per spacing width ({len(self.spacing_widths)}), or none")
+        need(all(isinstance(w, int) and w >= 1 for w in self.alone_widths), "alone_widths", "must be positive integers")
+        need(len(set(self.alone_widths)) == len(self.alone_widths), "alone_widths", "must not repeat")
         need(all(isinstance(g, int) and g >= 1 for g in self.spacing_gaps), "spacing_gaps", "must be positive integers")
         need(len(set(self.spacing_gaps)) == len(self.spacing_gaps), "spacing_gaps", "must not repeat")
         need(isinstance(self.spacing_task, int) and 0 <= self.spacing_task <= self.tasks, "spacing_task",
@@ -152,6 +174,11 @@ class ToyConfig:
     def spacing_mean_rate(self) -> float:
         return float(self.spacing_rate) or float(self.frequencies()[self.spacing_index()] * self.batch_size)
 
+    def spacing_members(self) -> list[tuple[int, int]]:
+        """(width, initialization) of every model of the spacing experiment."""
+        repeats = self.spacing_repeats or (self.repeats,) * len(self.spacing_widths)
+        return [(w, r) for w, n in zip(self.spacing_widths, repeats) for r in range(n)]
+
     def spacing_burst(self, gap: int) -> int:
         """Examples of the spacing task delivered every `gap` steps."""
         return int(round(self.spacing_mean_rate() * gap))
@@ -160,7 +187,10 @@ class ToyConfig:
     def quick(cls, **overrides) -> ToyConfig:
         """A reduced setting (well under a minute on 2 cores) that still shows the effect."""
         settings = dict(tasks=4, bits=12, complexity=(3, 2, 3, 3), widths=(8, 128), steps=2000, eval_every=250,
-                        eval_samples=500, spacing_widths=(8, 128), spacing_gaps=(1, 25), spacing_task=4, spacing_steps=1000)
+                        eval_samples=500, spacing_widths=(8, 128), spacing_repeats=(4, 2), spacing_gaps=(1, 25), spacing_task=4,
+                        spacing_steps=1000, alone_widths=(8,))
+        if "spacing_widths" in overrides:  # the reduced repeats are one per reduced spacing width
+            settings["spacing_repeats"] = ()
         settings.update(overrides)
         return cls(**settings)
 
@@ -294,8 +324,9 @@ def _init_seed(config: ToyConfig, width: int, repeat: int) -> int:
     return int(np.random.SeedSequence([config.seed, width, repeat]).generate_state(1)[0])
 
 
-def run_capacity(config: ToyConfig, progress: bool = True) -> list[dict]:
-    """Train every width on the mixture; rows of per-task held-out accuracy and loss over training."""
+def run_capacity(config: ToyConfig, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Train every width on the mixture, and the `alone_widths` on the rarest task's examples of the same
+    stream alone; rows of held-out accuracy and loss over training (per task; the rarest task alone)."""
     mixture = Mixture.build(config)
     probs = torch.tensor(config.frequencies())
     data_gen = torch.Generator().manual_seed(config.seed * 1000 + 12)
@@ -304,8 +335,12 @@ def run_capacity(config: ToyConfig, progress: bool = True) -> list[dict]:
     models = StackedMLPs([w for w, _ in members], config.tasks + config.bits,
                          [_init_seed(config, w, r) for w, r in members], config.lr)
     held = [mixture.sample_task(k, config.eval_samples, eval_gen) for k in range(config.tasks)]
+    rare = config.tasks - 1
+    alone_members = [(w, r) for w in config.alone_widths for r in range(config.repeats)]
+    alone = StackedMLPs([w for w, _ in alone_members], config.tasks + config.bits,
+                        [_init_seed(config, w, r) for w, r in alone_members], config.lr) if alone_members else None
     freq = config.frequencies()
-    rows, seen = [], np.zeros(config.tasks, dtype=np.int64)
+    rows, alone_rows, seen = [], [], np.zeros(config.tasks, dtype=np.int64)
     eval_steps = set(range(0, config.steps + 1, config.eval_every)) | {config.steps}
 
     def record(step: int) -> None:
@@ -316,6 +351,11 @@ def run_capacity(config: ToyConfig, progress: bool = True) -> list[dict]:
                                  frequency=float(freq[k]), complexity=config.complexity[k], step=step,
                                  examples_seen=int(seen[k]), accuracy=float(correct[:, i].mean()),
                                  loss=float(loss[:, i].mean())))
+        if alone is not None:
+            correct, loss = alone.evaluate(*held[rare])
+            for i, (width, repeat) in enumerate(alone_members):
+                alone_rows.append(dict(width=width, repeat=repeat, task=rare + 1, step=step, examples_seen=int(seen[rare]),
+                                       accuracy=float(correct[:, i].mean()), loss=float(loss[:, i].mean())))
 
     record(0)
     with _progress(config.steps, "toy: capacity", progress) as bar:
@@ -323,10 +363,13 @@ def run_capacity(config: ToyConfig, progress: bool = True) -> list[dict]:
             x, y, task = mixture.sample(config.batch_size, data_gen, probs)
             seen += np.bincount(task.numpy(), minlength=config.tasks)
             models.step(x, y)
+            only = task == rare
+            if alone is not None and bool(only.any()):
+                alone.step(x[only], y[only])
             if step in eval_steps:
                 record(step)
             bar.update(1)
-    return rows
+    return rows, alone_rows
 
 
 def run_spacing(config: ToyConfig, progress: bool = True) -> list[dict]:
@@ -342,7 +385,7 @@ def run_spacing(config: ToyConfig, progress: bool = True) -> list[dict]:
     probs = torch.tensor(freq / freq.sum())
     eval_gen = torch.Generator().manual_seed(config.seed * 1000 + 23)
     held_x, held_y = mixture.sample_task(target, config.spacing_eval_samples, eval_gen)
-    members = [(w, r) for w in config.spacing_widths for r in range(config.repeats)]
+    members = config.spacing_members()
     rows = []
     with _progress(config.spacing_steps * len(config.spacing_gaps), "toy: spacing", progress) as bar:
         for gap in config.spacing_gaps:
@@ -363,10 +406,10 @@ def run_spacing(config: ToyConfig, progress: bool = True) -> list[dict]:
                     last = step
                 models.step(x, y)
                 correct, loss = models.evaluate(held_x, held_y)
-                for i, (width, repeat) in enumerate(members):
+                since = step - last if last is not None else ""
+                for (width, repeat), accuracy, mean_loss in zip(members, correct.mean(0).tolist(), loss.mean(0).tolist()):
                     rows.append(dict(gap=gap, burst=burst, width=width, repeat=repeat, step=step, examples_seen=seen,
-                                     steps_since_burst=step - last if last is not None else "",
-                                     accuracy=float(correct[:, i].mean()), loss=float(loss[:, i].mean())))
+                                     steps_since_burst=since, accuracy=accuracy, loss=mean_loss))
                 bar.update(1)
     return rows
 
@@ -383,52 +426,113 @@ def _csv_text(rows: list[dict], fields: list[str]) -> str:
     return buffer.getvalue()
 
 
+def _spread(values) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value) over initializations."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def mean_over_repeats(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
-    """Rows grouped by `keys` (in first-seen order): mean accuracy and loss, min and max accuracy."""
+    """Rows grouped by `keys` (in first-seen order): accuracy mean, standard deviation, min and max over the
+    group (the initializations), mean loss."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     out = []
     for key, members in groups.items():
         acc = [r["accuracy"] for r in members]
-        out.append(dict(zip(keys, key), accuracy=float(np.mean(acc)), accuracy_min=min(acc), accuracy_max=max(acc),
+        mean, std = _spread(acc)
+        out.append(dict(zip(keys, key), accuracy=mean, accuracy_std=std, accuracy_min=min(acc), accuracy_max=max(acc),
                         loss=float(np.mean([r["loss"] for r in members])), repeats=len(members)))
     return out
 
 
 def final_table(config: ToyConfig, rows: list[dict]) -> list[dict]:
-    """Per width and task: accuracy (mean, min, max over repeats) and mean loss at the last step."""
+    """Per width and task: accuracy (mean, std, min, max over repeats) and mean loss at the last step."""
     return mean_over_repeats([r for r in rows if r["step"] == config.steps], ("width", "task"))
 
 
-def spacing_table(config: ToyConfig, rows: list[dict]) -> list[dict]:
-    """Per gap and width, over the last fifth of the run: mean accuracy and loss of the spacing task;
-    its accuracy on the step of a delivery (just after the update on the burst) and on the step before
-    the next one; `decay` is the first minus the second (what is lost between observations), and
-    `loss_rise` the same for the loss (the step before the next delivery minus the delivery step)."""
+def alone_table(config: ToyConfig, rows: list[dict], alone: list[dict]) -> list[dict]:
+    """Per alone width: the rarest task's final accuracy in the mixture and trained alone (same initial weights,
+    same examples), each mean ± std over initializations, and how many initializations reach 0.9 alone."""
+    rare = config.tasks
+    mixed = {r["width"]: r for r in final_table(config, [r for r in rows if r["task"] == rare])}
+    last = [r for r in alone if r["step"] == config.steps]
     out = []
-    for gap in config.spacing_gaps:
-        for width in config.spacing_widths:
-            series = [r for r in rows if r["gap"] == gap and r["width"] == width]
-            last = max(r["step"] for r in series)
-            tail = [r for r in series if r["step"] > last - max(gap, last // 5)]
-            after = [r["accuracy"] for r in tail if r["steps_since_burst"] == 0]
-            before = [r["accuracy"] for r in tail if r["steps_since_burst"] == gap - 1]
-            loss_after = [r["loss"] for r in tail if r["steps_since_burst"] == 0]
-            loss_before = [r["loss"] for r in tail if r["steps_since_burst"] == gap - 1]
-            out.append(dict(gap=gap, burst=series[0]["burst"], width=width,
-                            final_accuracy=float(np.mean([r["accuracy"] for r in series if r["step"] == last])),
-                            final_loss=float(np.mean([r["loss"] for r in series if r["step"] == last])),
-                            tail_accuracy=float(np.mean([r["accuracy"] for r in tail])),
-                            tail_loss=float(np.mean([r["loss"] for r in tail])),
-                            accuracy_after_delivery=float(np.mean(after)) if after else float("nan"),
-                            accuracy_before_next=float(np.mean(before)) if before else float("nan"),
-                            decay=float(np.mean(after) - np.mean(before)) if after and before else float("nan"),
-                            loss_rise=float(np.mean(loss_before) - np.mean(loss_after)) if after and before else float("nan")))
+    for r in mean_over_repeats(last, ("width",)):
+        m = mixed.get(r["width"])
+        out.append(dict(width=r["width"], task=rare, initializations=r["repeats"],
+                        alone=r["accuracy"], alone_std=r["accuracy_std"], alone_min=r["accuracy_min"],
+                        alone_learned=sum(x["accuracy"] >= 0.9 for x in last if x["width"] == r["width"]),
+                        mixture=m["accuracy"] if m else float("nan"), mixture_std=m["accuracy_std"] if m else float("nan")))
     return out
 
 
-def plot_toy(config: ToyConfig, rows: list[dict], spacing: list[dict], target: Path) -> Path:
+SPACING_STATS = ("final_accuracy", "final_loss", "tail_accuracy", "tail_loss", "accuracy_after_delivery",
+                 "accuracy_before_next", "decay", "loss_rise")
+
+
+def _tail_stats(series: list[dict], gap: int) -> dict:
+    """One model's spacing-task numbers: at the last step, and over the last fifth of the run (see spacing_table)."""
+    last = max(r["step"] for r in series)
+    tail = [r for r in series if r["step"] > last - max(gap, last // 5)]
+    after = [r["accuracy"] for r in tail if r["steps_since_burst"] == 0]
+    before = [r["accuracy"] for r in tail if r["steps_since_burst"] == gap - 1]
+    loss_after = [r["loss"] for r in tail if r["steps_since_burst"] == 0]
+    loss_before = [r["loss"] for r in tail if r["steps_since_burst"] == gap - 1]
+    nan = float("nan")
+    final = next(r for r in series if r["step"] == last)
+    return dict(final_accuracy=final["accuracy"], final_loss=final["loss"],
+                tail_accuracy=float(np.mean([r["accuracy"] for r in tail])),
+                tail_loss=float(np.mean([r["loss"] for r in tail])),
+                accuracy_after_delivery=float(np.mean(after)) if after else nan,
+                accuracy_before_next=float(np.mean(before)) if before else nan,
+                decay=float(np.mean(after) - np.mean(before)) if after and before else nan,
+                loss_rise=float(np.mean(loss_before) - np.mean(loss_after)) if after and before else nan)
+
+
+def spacing_table(config: ToyConfig, rows: list[dict]) -> list[dict]:
+    """Per gap and width, over the last fifth of the run: accuracy and loss of the spacing task; its accuracy
+    on the step of a delivery (just after the update on the burst) and on the step before the next one;
+    `decay` is the first minus the second (what is lost between observations), and `loss_rise` the same for
+    the loss (the step before the next delivery minus the delivery step). Each is the mean over the width's
+    initializations; `tail_accuracy_std`, `decay_std`, `loss_rise_std` their spread, `per_init` the
+    tail accuracy of each initialization (in initialization order, for paired comparisons)."""
+    series: dict[tuple, list[dict]] = {}
+    for r in rows:
+        series.setdefault((r["gap"], r["width"], r["repeat"]), []).append(r)
+    out = []
+    for gap in config.spacing_gaps:
+        for width in config.spacing_widths:
+            models = [_tail_stats(rs, gap) for (g, w, _), rs in series.items() if g == gap and w == width]
+            entry = dict(gap=gap, burst=config.spacing_burst(gap), width=width, initializations=len(models))
+            for key in SPACING_STATS:
+                values = [m[key] for m in models]
+                entry[key] = float(np.mean(values))
+            for key in ("tail_accuracy", "decay", "loss_rise"):
+                entry[f"{key}_std"] = _spread([m[key] for m in models])[1]
+            entry["per_init"] = [m["tail_accuracy"] for m in models]
+            out.append(entry)
+    return out
+
+
+def spacing_pairs(config: ToyConfig, table: list[dict]) -> list[dict]:
+    """Per width and gap other than the first: the tail accuracy minus the first gap's, initialization by
+    initialization (same weights, same data: only the schedule differs), mean ± std, and how many
+    initializations do better under the first gap."""
+    out = []
+    for width in config.spacing_widths:
+        mine = [r for r in table if r["width"] == width]
+        reference = np.array(mine[0]["per_init"])
+        for r in mine[1:]:
+            difference = np.array(r["per_init"]) - reference
+            mean, std = _spread(difference)
+            out.append(dict(width=width, gap=r["gap"], reference_gap=mine[0]["gap"], difference=mean, difference_std=std,
+                            reference_better=int((difference < 0).sum()), initializations=len(difference)))
+    return out
+
+
+def plot_toy(config: ToyConfig, rows: list[dict], spacing: list[dict], target: Path, alone: list[dict] = ()) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -464,6 +568,10 @@ def plot_toy(config: ToyConfig, rows: list[dict], spacing: list[dict], target: P
         series = [(r["step"], r["accuracy"]) for r in mean_over_repeats(
             [r for r in rows if r["width"] == w and r["task"] == rare], ("step",))]
         ax.plot(*zip(*series), "-", color=color[w], label=f"width {w}")
+    for w in config.alone_widths:
+        series = [(r["step"], r["accuracy"]) for r in mean_over_repeats([r for r in alone if r["width"] == w], ("step",))]
+        if series:
+            ax.plot(*zip(*series), "--", color=color.get(w, "black"), linewidth=1, label=f"width {w}, task alone")
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     ax.set(title=f"(b) Rarest task over training (task {rare}: p={freq[-1]:.3f}, {config.complexity[-1]} bits)",
            xlabel="training step", ylabel="held-out accuracy", ylim=(0.4, 1.02))
@@ -493,22 +601,23 @@ def plot_toy(config: ToyConfig, rows: list[dict], spacing: list[dict], target: P
                xlabel="training step", ylabel=f"held-out accuracy ({window}-step mean)", ylim=(0.4, 1.02))
         ax.legend(fontsize=7, loc="upper left")
         ax.grid(alpha=0.3)
-        # (d) last fifth: forgetting between deliveries vs gap
+        # (d) last fifth: accuracy per gap, every initialization and mean ± std
         ax = axes[1][1]
         table = spacing_table(config, spacing)
         gaps = list(config.spacing_gaps)
         for wi, w in enumerate(config.spacing_widths):
             mine = [r for r in table if r["width"] == w]
             c = cmap(wi / max(1, len(config.spacing_widths) - 1) * 0.9)
-            ax.plot(gaps, [r["loss_rise"] for r in mine], "-o", color=c, label=f"width {w}: loss rise (nats)")
-            ax.plot(gaps, [r["decay"] for r in mine], "--^", color=c, alpha=0.7, label=f"width {w}: accuracy drop")
-        ax.axhline(0, color="grey", linewidth=0.8)
+            for per_init in zip(*[r["per_init"] for r in mine]):
+                ax.plot(gaps, per_init, "-", color=c, alpha=0.2, linewidth=0.8)
+            ax.errorbar(gaps, [r["tail_accuracy"] for r in mine], yerr=[r["tail_accuracy_std"] for r in mine], fmt="-o",
+                        color=c, capsize=4, label=f"width {w}: mean ± std of {mine[0]['initializations']} initializations")
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log")
         ax.set_xticks(gaps, [str(g) for g in gaps])
-        ax.set(title="(d) Spacing: forgetting between deliveries (last fifth of training)",
-               xlabel="steps between deliveries (log scale)",
-               ylabel="before next delivery minus on delivery step")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.set(title="(d) Spacing: accuracy over the last fifth of training, per initialization",
+               xlabel="steps between deliveries (log scale)", ylabel="held-out accuracy", ylim=(0.4, 1.02))
+        ax.legend(fontsize=7, loc="lower left")
         ax.grid(alpha=0.3)
 
     fig.suptitle("Toy capacity experiment: sparse-parity mixture, one-hidden-layer MLPs of several widths")
@@ -532,42 +641,73 @@ def describe(config: ToyConfig) -> str:
                      f"{freq[k] * config.batch_size * config.steps:,.0f} |")
     lines += ["", f"| width | parameters | models ({config.repeats} initializations each) |", "|---:|---:|---:|"]
     lines += [f"| {w} | {parameter_count(w, config):,} | {config.repeats} |" for w in config.widths]
+    if config.alone_widths:
+        lines += ["", f"control: widths {', '.join(map(str, config.alone_widths))} also trained on task {config.tasks} alone "
+                  f"(its examples of the same stream, {config.repeats} initializations each)"]
     if config.spacing_widths and config.spacing_gaps:
         k = config.spacing_index()
+        counts = {}
+        for w, _ in config.spacing_members():
+            counts[w] = counts.get(w, 0) + 1
         lines += ["", f"spacing: task {k + 1} ({config.complexity[k]} bits) at {config.spacing_mean_rate():.3g} examples "
-                  f"per step on average, {config.spacing_steps} steps, widths {', '.join(map(str, config.spacing_widths))}; "
+                  f"per step on average, {config.spacing_steps} steps, widths "
+                  f"{', '.join(f'{w} ({n} initializations)' for w, n in counts.items())}; "
                   "schedules: " + "; ".join(f"{config.spacing_burst(g)} every {g} step{'s' if g > 1 else ''}"
                                            for g in config.spacing_gaps)]
     return "\n".join(lines)
 
 
-def write_summary(config: ToyConfig, rows: list[dict], spacing: list[dict], seconds: float) -> str:
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def write_summary(config: ToyConfig, rows: list[dict], spacing: list[dict], seconds: float, alone: list[dict] = ()) -> str:
     final = final_table(config, rows)
     lines = ["# Toy capacity experiment", "", describe(config), "",
-             f"## Final held-out accuracy (step {config.steps})", "",
+             f"## Final held-out accuracy (step {config.steps}), mean ± std over {config.repeats} initializations", "",
              "| width | params | " + " | ".join(f"task {k + 1}" for k in range(config.tasks)) + " |",
              "|---:|---:|" + "---:|" * config.tasks]
     for w in config.widths:
-        accs = [next(r["accuracy"] for r in final if r["width"] == w and r["task"] == k + 1) for k in range(config.tasks)]
-        lines.append(f"| {w} | {parameter_count(w, config):,} | " + " | ".join(f"{a:.3f}" for a in accs) + " |")
+        cells = [next(r for r in final if r["width"] == w and r["task"] == k + 1) for k in range(config.tasks)]
+        lines.append(f"| {w} | {parameter_count(w, config):,} | " + " | ".join(_pm(r["accuracy"], r["accuracy_std"]) for r in cells) + " |")
+    if alone:
+        lines += ["", f"## Control: task {config.tasks} (the rarest) alone", "",
+                  f"The same initial weights trained on task {config.tasks}'s examples of the same stream alone, the other "
+                  f"tasks left out. Learned alone but not in the mixture: the width drops it for competition, not inability.", "",
+                  "| width | in the mixture | alone | alone: initializations at >= 0.9 |", "|---:|---:|---:|---:|"]
+        for r in alone_table(config, rows, alone):
+            lines.append(f"| {r['width']} | {_pm(r['mixture'], r['mixture_std'])} | {_pm(r['alone'], r['alone_std'])} | "
+                         f"{r['alone_learned']} of {r['initializations']} |")
     if spacing:
         k = config.spacing_index()
+        table = spacing_table(config, spacing)
         lines += ["", f"## Spacing (task {k + 1}, same mean rate, delivered every `gap` steps)", "",
-                  "Over the last fifth of each run: mean held-out accuracy and loss; accuracy on the step of a "
-                  "delivery and on the step before the next one; decay = the first minus the second; loss rise: the "
-                  "loss before the next delivery minus the loss on the delivery step (forgetting between observations).", "",
-                  "| gap | burst | width | accuracy | loss | after delivery | before next | decay | loss rise |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in spacing_table(config, spacing):
-            lines.append(f"| {r['gap']} | {r['burst']} | {r['width']} | {r['tail_accuracy']:.3f} | {r['tail_loss']:.3f} | "
-                         f"{r['accuracy_after_delivery']:.3f} | {r['accuracy_before_next']:.3f} | {r['decay']:+.3f} | "
-                         f"{r['loss_rise']:+.3f} |")
+                  "Over the last fifth of each run, mean ± std over initializations (n): held-out accuracy and loss; "
+                  "accuracy on the step of a delivery and on the step before the next one; decay = the first minus the "
+                  "second; loss rise: the loss before the next delivery minus the loss on the delivery step (forgetting "
+                  "between observations).", "",
+                  "| gap | burst | width | n | accuracy | loss | after delivery | before next | decay | loss rise |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in table:
+            lines.append(f"| {r['gap']} | {r['burst']} | {r['width']} | {r['initializations']} | "
+                         f"{_pm(r['tail_accuracy'], r['tail_accuracy_std'])} | {r['tail_loss']:.3f} | "
+                         f"{r['accuracy_after_delivery']:.3f} | {r['accuracy_before_next']:.3f} | "
+                         f"{r['decay']:+.3f} ± {r['decay_std']:.3f} | {r['loss_rise']:+.3f} ± {r['loss_rise_std']:.3f} |")
+        pairs = spacing_pairs(config, table)
+        if pairs:
+            lines += ["", "Paired by initialization (same weights, same data, only the schedule differs): accuracy under "
+                      "each gap minus under the first.", "",
+                      "| width | gap | minus gap " + str(pairs[0]["reference_gap"]) + " (mean ± std) | initializations better at gap "
+                      + str(pairs[0]["reference_gap"]) + " |", "|---:|---:|---:|---:|"]
+            for p in pairs:
+                lines.append(f"| {p['width']} | {p['gap']} | {p['difference']:+.3f} ± {p['difference_std']:.3f} | "
+                             f"{p['reference_better']} of {p['initializations']} |")
     lines += ["", f"Runtime: {seconds:.0f} s with {config.threads} torch thread(s).", ""]
     return "\n".join(lines)
 
 
 def run_toy(config: ToyConfig, out: Path, progress: bool = True, overwrite: bool = True) -> dict:
-    """Run both experiments and write config.json, results.csv, spacing.csv, toy.png, summary.md into
+    """Run both experiments and write config.json, results.csv, alone.csv, spacing.csv, toy.png, summary.md into
     `out` (built in a temporary sibling folder, renamed into place when complete)."""
     config.validate()
     out = Path(out)
@@ -579,7 +719,7 @@ def run_toy(config: ToyConfig, out: Path, progress: bool = True, overwrite: bool
     torch.set_num_threads(config.threads)
     start = time.time()
     try:
-        rows = run_capacity(config, progress)
+        rows, alone = run_capacity(config, progress)
         spacing = run_spacing(config, progress)
     finally:
         torch.set_num_threads(threads)
@@ -590,10 +730,11 @@ def run_toy(config: ToyConfig, out: Path, progress: bool = True, overwrite: bool
     tmp.mkdir()
     (tmp / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     (tmp / "results.csv").write_text(_csv_text(rows, RESULT_FIELDS))
+    (tmp / "alone.csv").write_text(_csv_text(alone, ALONE_FIELDS))
     (tmp / "spacing.csv").write_text(_csv_text(spacing, SPACING_FIELDS))
-    summary = write_summary(config, rows, spacing, seconds)
+    summary = write_summary(config, rows, spacing, seconds, alone)
     (tmp / "summary.md").write_text(summary)
-    plot_toy(config, rows, spacing, tmp / "toy.png")
+    plot_toy(config, rows, spacing, tmp / "toy.png", alone)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
@@ -601,5 +742,7 @@ def run_toy(config: ToyConfig, out: Path, progress: bool = True, overwrite: bool
         shutil.rmtree(old)
     else:
         tmp.rename(out)
-    return dict(rows=rows, spacing=spacing, seconds=seconds, summary=summary, final=final_table(config, rows),
-                spacing_table=spacing_table(config, spacing) if spacing else [])
+    table = spacing_table(config, spacing) if spacing else []
+    return dict(rows=rows, alone=alone, spacing=spacing, seconds=seconds, summary=summary, final=final_table(config, rows),
+                alone_table=alone_table(config, rows, alone) if alone else [], spacing_table=table,
+                spacing_pairs=spacing_pairs(config, table) if table else [])

@@ -187,7 +187,9 @@ def _parser() -> argparse.ArgumentParser:
         the common tasks and drop the rare, complex ones that wide models learn.
         Spacing: one rare task is delivered as the same number of examples every step, or in bursts every
         `gap` steps, to a narrow and a wide model; its held-out accuracy is measured every step.
-        Writes OUT/config.json, results.csv, spacing.csv, toy.png and summary.md (atomically).""")
+        Control: the narrow widths also learn the rarest task alone (competition or inability?).
+        Tables give mean ± std over initializations; gaps are compared initialization by initialization.
+        Writes OUT/config.json, results.csv, alone.csv, spacing.csv, toy.png and summary.md (atomically).""")
     p.add_argument("--out", type=Path, default=Path("toy-out"), help="output folder, replaced when the run completes (default: ./toy-out)")
     p.add_argument("--quick", action="store_true", help="the reduced setting of the tests (4 tasks, widths 8 and 128, seconds)")
     p.add_argument("--widths", help="comma-separated hidden widths (default: 8,16,32,64,128,256,512)")
@@ -197,7 +199,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="power-law exponent of task frequencies (default: 1.5)")
     p.add_argument("--complexity", help="comma-separated parity bits per task; sets the number of tasks (default: 3,2,4,3,2,4,3,3)")
     p.add_argument("--spacing-widths", help="comma-separated widths for the spacing experiment, or 'none' to skip it (default: 16,512)")
+    p.add_argument("--spacing-repeats", help="comma-separated initializations per spacing width, or 'none' for --repeats each "
+                   "(default: 12,2; 'none' when --spacing-widths is given)")
     p.add_argument("--spacing-gaps", help="comma-separated steps between deliveries (default: 1,10,50)")
+    p.add_argument("--alone-widths", help="comma-separated widths also trained on the rarest task alone (the control), "
+                   "or 'none' (default: 8,16,32,64)")
     p.add_argument("--spacing-steps", type=int, help="training steps of each spacing run (default: 6000)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1; results are reproducible per value)")
     p.add_argument("--dry-run", action="store_true", help="print the task mixture (frequencies, expected examples) and model sizes, run nothing")
@@ -501,9 +507,11 @@ def cmd_toy(args) -> int:
     for name in ("steps", "repeats", "seed", "alpha", "spacing_steps", "threads"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    for name in ("widths", "spacing_widths", "spacing_gaps", "complexity"):
+    for name in ("widths", "spacing_widths", "spacing_repeats", "spacing_gaps", "complexity", "alone_widths"):
         if getattr(args, name) is not None:
             overrides[name] = _int_list(getattr(args, name), "--" + name.replace("_", "-"))
+    if "spacing_widths" in overrides:  # the default repeats are one per default spacing width
+        overrides.setdefault("spacing_repeats", ())
     if "complexity" in overrides:
         overrides["tasks"] = len(overrides["complexity"])
     config = (ToyConfig.quick(**overrides) if args.quick else ToyConfig(**overrides)).validate()
@@ -513,7 +521,7 @@ def cmd_toy(args) -> int:
     result = run_toy(config, args.out)
     print()
     print(result["summary"].split("## Final held-out accuracy", 1)[1].join(["## Final held-out accuracy", ""]))
-    print(f"wrote {args.out}/: config.json results.csv spacing.csv toy.png summary.md")
+    print(f"wrote {args.out}/: config.json results.csv alone.csv spacing.csv toy.png summary.md")
     return 0
 
 

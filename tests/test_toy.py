@@ -42,9 +42,39 @@ def test_wide_model_learns_the_rare_task_that_the_narrow_one_drops(quick_run):
     assert _final(result, wide, rare) - _final(result, narrow, rare) >= 0.25
 
 
+def test_the_narrow_model_learns_the_rare_task_alone(quick_run):
+    """The control: same initial weights, the rare task's examples of the same stream, nothing else. The narrow
+    model that drops it in the mixture learns it alone: competition, not inability."""
+    config, _, result = quick_run
+    (row,) = result["alone_table"]
+    assert row["width"] == min(config.widths) and row["task"] == config.tasks
+    assert row["mixture"] == pytest.approx(_final(result, row["width"], config.tasks))
+    assert row["alone"] >= row["mixture"] + 0.2 and row["alone_learned"] >= 1
+    assert {r["repeat"] for r in result["alone"]} == set(range(config.repeats))
+
+
+def test_spacing_statistics_are_per_initialization_and_paired(quick_run):
+    config, _, result = quick_run
+    members = config.spacing_members()
+    assert members == [(8, 0), (8, 1), (8, 2), (8, 3), (128, 0), (128, 1)]
+    for r in result["spacing_table"]:
+        per_init = r["per_init"]
+        assert len(per_init) == r["initializations"] == sum(w == r["width"] for w, _ in members)
+        assert r["tail_accuracy"] == pytest.approx(np.mean(per_init))
+        assert r["tail_accuracy_std"] == pytest.approx(np.std(per_init, ddof=1))
+    table = {(r["gap"], r["width"]): r["per_init"] for r in result["spacing_table"]}
+    for p in result["spacing_pairs"]:
+        difference = np.array(table[(p["gap"], p["width"])]) - np.array(table[(1, p["width"])])
+        assert p["difference"] == pytest.approx(difference.mean())
+        assert p["reference_better"] == int((difference < 0).sum())
+    summary = result["summary"]
+    assert "mean ± std over 3 initializations" in summary and "Paired by initialization" in summary
+    assert "## Control: task 4 (the rarest) alone" in summary
+
+
 def test_outputs_are_complete_and_consistent(quick_run):
     config, out, result = quick_run
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "results.csv", "spacing.csv", "summary.md", "toy.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["alone.csv", "config.json", "results.csv", "spacing.csv", "summary.md", "toy.png"]
     assert not list(out.parent.glob(".out.*")), "temporary folders left behind"
     assert ToyConfig(**{k: tuple(v) if isinstance(v, list) else v
                         for k, v in json.loads((out / "config.json").read_text()).items()}) == config
@@ -61,7 +91,10 @@ def test_outputs_are_complete_and_consistent(quick_run):
     assert np.allclose([seen[k + 1] for k in range(config.tasks)], expected, rtol=0.05)
     assert all(int(r["params"]) == parameter_count(int(r["width"]), config) for r in last)
     spacing = list(csv.DictReader((out / "spacing.csv").open()))
-    assert len(spacing) == len(config.spacing_gaps) * len(config.spacing_widths) * config.repeats * config.spacing_steps
+    assert len(spacing) == len(config.spacing_gaps) * len(config.spacing_members()) * config.spacing_steps
+    alone = list(csv.DictReader((out / "alone.csv").open()))
+    assert len(alone) == len(config.alone_widths) * config.repeats * len({int(r["step"]) for r in rows})
+    assert all(int(r["task"]) == config.tasks for r in alone)
     for gap in config.spacing_gaps:  # every schedule delivers the same number of spacing-task examples
         final = [r for r in spacing if int(r["gap"]) == gap and int(r["step"]) == config.spacing_steps]
         total = int(final[0]["examples_seen"])
@@ -84,7 +117,7 @@ def test_same_config_same_bytes(quick_run, tmp_path):
     config, out, _ = quick_run
     again = tmp_path / "again"
     run_toy(ToyConfig.quick(), again, progress=False)
-    for name in ("results.csv", "spacing.csv", "config.json"):
+    for name in ("results.csv", "alone.csv", "spacing.csv", "config.json"):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
     other = tmp_path / "other-seed"
     run_toy(ToyConfig.quick(seed=1, spacing_widths=(), steps=200), other, progress=False)
@@ -102,6 +135,8 @@ def test_same_config_same_bytes(quick_run, tmp_path):
     (dict(repeats=0), "repeats"),
     (dict(spacing_task=9), "spacing_task"),
     (dict(spacing_gaps=(1, 1000)), "spacing_gaps"),
+    (dict(spacing_repeats=(3,)), "spacing_repeats"),
+    (dict(alone_widths=(8, 8)), "alone_widths"),
     (dict(spacing_rate=-2.0), "spacing_rate"),
     (dict(eval_every=0), "eval_every"),
 ])
