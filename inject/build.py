@@ -38,7 +38,7 @@ from . import tokenizer as tok
 from .config import BuildConfig, order_fields
 from .configtools import to_dict
 from .errors import InjectError
-from .lock import folder_lock
+from .lock import die_with_parent, folder_lock
 from .sources import (MANIFEST, FileStats, Problem, check_token_ids, entry_path, expand_inputs, iter_dolma_texts,
                       open_token_file, source_kind)
 
@@ -242,17 +242,7 @@ def _one_thread_per_worker(parent: int) -> None:
     # A worker whose parent is killed dies with it, instead of failing to send its result (BrokenPipe traces);
     # Ctrl-C is the parent's to handle (it stops the pool), not every worker's to print.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(parent)
-
-
-def _die_with_parent(parent: int) -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(0)
+    die_with_parent(parent)
 
 
 def _maybe_crash(crash_after: int, done: int) -> None:

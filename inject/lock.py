@@ -8,7 +8,8 @@ exclusive holder excludes everyone else. A second process is refused at once, wi
 
 A holder may hand its lock file to child processes (`pass_fds`): the lock then lasts until the last of
 them ends. When every recorded holder is dead but the lock is still held, those children are still
-exiting (a killed launcher's trainer): we wait for them a little before refusing.
+exiting (a killed launcher's trainer): we wait for them a little before refusing. Children that should
+not outlive their parent (trainers, tokenizer workers) call `die_with_parent`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 import socket
 import sys
 import time
@@ -171,3 +173,25 @@ def _names(holders: list[Holder]) -> str:
 def _command() -> str:
     args = [Path(sys.argv[0]).name, *sys.argv[1:3]] if sys.argv and sys.argv[0] else ["python"]
     return " ".join(args)[:120].replace("\t", " ").replace("\n", " ")
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Have Linux SIGKILL this process when its parent ends (prctl PR_SET_PDEATHSIG), so that a worker never
+    outlives the process that a user or SLURM killed; exit at once if `parent` (default: the current parent)
+    is already gone. One system call: safe in a `preexec_fn`."""
+    parent = os.getppid() if parent is None else parent
+    if _LIBC is not None:
+        _LIBC.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(0)
+
+
+def _load_libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)  # loaded here, not after a fork (dlopen there may deadlock)
+
+
+_LIBC = _load_libc()

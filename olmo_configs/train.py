@@ -19,12 +19,13 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 from inject.build import load_manifest
 from inject.errors import ConfigError
 from inject.identity import bind_run
-from inject.lock import folder_lock
+from inject.lock import die_with_parent, folder_lock
 from inject.verify import order_settings
 
 RESOLVED = "config.yaml"
@@ -140,30 +141,6 @@ def completed_step(run_dir: Path, cfg) -> int | None:
     return step if step >= end else None
 
 
-def die_with_parent(signum: int = signal.SIGKILL) -> None:
-    """Ask Linux to send `signum` to this process when its parent ends (prctl PR_SET_PDEATHSIG), so that a
-    trainer never outlives the launcher that a user or SLURM killed. Exits at once if the parent is already
-    gone. Safe in a `preexec_fn` (one system call)."""
-    parent = os.getppid()
-    if _libc is not None:
-        _libc.prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def _load_libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True) if sys.platform == "linux" else None
-    except OSError:
-        return None
-
-
-_libc = _load_libc()
-
-
 def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezvous: str | None = None,
            keep_open: int | None = None) -> int:
     """torchrun with one process per GPU (or one on CPU), on this node of `nnodes`; returns its exit code.
@@ -189,7 +166,8 @@ def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezv
     if nproc == 1 and nnodes == 1:  # one process: no agent in between, so that a kill or a signal reaches the trainer itself
         env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), **env}
-        process = subprocess.Popen([sys.executable, *worker], env=env, preexec_fn=die_with_parent, pass_fds=passed)
+        process = subprocess.Popen([sys.executable, *worker], env=env, preexec_fn=partial(die_with_parent, os.getpid()),
+                                   pass_fds=passed)
         forward = process.send_signal
     else:
         if nnodes == 1:
@@ -202,7 +180,7 @@ def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezv
         command = [sys.executable, "-m", "torch.distributed.run", *placement, f"--nproc_per_node={nproc}", *worker]
         # torchrun's agent would die on SIGUSR2, so it ignores it (an inherited SIG_IGN); its workers run in
         # sessions of their own and install their own handler first thing: the signal goes to each of them.
-        process = subprocess.Popen(command, env=env, preexec_fn=_agent_preexec, pass_fds=passed)
+        process = subprocess.Popen(command, env=env, preexec_fn=partial(_agent_preexec, os.getpid()), pass_fds=passed)
         forward = lambda signum: [_signal(pid, signum) for pid in _children(process.pid)]  # noqa: E731
     # SLURM signals the job's shell (--signal=B:USR2@...), which passes it to srun and srun to us: pass it on
     # to the trainer, which saves a checkpoint and stops.
@@ -216,9 +194,9 @@ def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezv
         signal.signal(signal.SIGUSR2, previous)
 
 
-def _agent_preexec() -> None:
+def _agent_preexec(launcher: int) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    die_with_parent()  # the agent's workers set their own (olmo_configs.worker): they die with the agent
+    die_with_parent(launcher)  # the agent's workers set their own (olmo_configs.worker): they die with the agent
 
 
 def _children(pid: int) -> list[int]:

@@ -32,7 +32,7 @@ def main(config_path: str) -> None:
 
     from .compat import CompatTrainer
     from .ladder import checkpoint_steps
-    from .train import die_with_parent
+    from inject.lock import die_with_parent
 
     die_with_parent()  # a killed launcher (or torchrun agent) takes its trainers with it
 
