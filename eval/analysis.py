@@ -24,7 +24,7 @@ from inject.errors import InjectError
 from inject.identity import check_run_build, difference, read_record, same_build, write_record
 from inject.lock import folder_lock
 
-from .checkpoints import STEP, Checkpoint, LoadedModel, find_checkpoints, load_model
+from .checkpoints import STEP, Checkpoint, CheckpointRefused, LoadedModel, find_checkpoints, load_model
 
 
 @dataclass
@@ -32,6 +32,7 @@ class AnalysisReport:
     analyzed: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # the failed ones refused as unsafe to unpickle (exit 2)
     out_dir: Path | None = None
 
 
@@ -146,6 +147,8 @@ def _analyze_checkpoints(path: Path, checkpoints: list[Checkpoint], manifest: di
             loaded = load_model(checkpoint, manifest, device)
         except InjectError as e:
             report.failed.append(str(e))
+            if isinstance(e, CheckpointRefused):
+                report.refused.append(str(e))
             continue
         meta = checkpoint_meta(path, checkpoint, loaded, manifest)
         rows = analyze(loaded, checkpoint, meta)

@@ -13,20 +13,24 @@
   does not load under transformers 5 (it lacks `all_tied_weights_keys`).
 
 Every loaded model goes through the same scorer: `model(input_ids).logits`, with a key/value cache.
+
+Nothing in a checkpoint is run: every pickle is read by torch's weights_only unpickler with the allowlist
+of `olmo_configs.safe_load` (a file that needs more is refused, naming the file and the class), Hugging
+Face weights from safetensors when the folder has them, and no custom code of a Hugging Face config.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from inject.errors import InjectError
+from olmo_configs.safe_load import (CheckpointRefused, check_file, checked_olmo_loads,  # noqa: F401 (re-exported)
+                                    detached_sharded_tensor, load_dcp_tensors, load_file)
 
 STEP = re.compile(r"step(\d+)")
 FORMATS = ("unsharded", "sharded", "hf")
@@ -143,46 +147,34 @@ def _load_olmo(folder: Path, fmt: str, manifest: dict, device: str):
         raise InjectError(f"{folder}/config.yaml: not an ai2-olmo config: {e}") from None
     _check_vocabulary(folder, config.vocab_size, config.eos_token_id, manifest)
     try:
-        if fmt == "unsharded":
-            return OLMo.from_checkpoint(folder, device=device), run_name
         config.init_device = "cpu"
         model = OLMo(config)
-        _load_sharded_model_state(folder, model)
+        if fmt == "unsharded":  # what OLMo.from_checkpoint does, with a weights_only load
+            model.load_state_dict(model._make_state_dict_compatible(load_file(folder / "model.pt"))[0])
+        else:
+            _load_sharded_model_state(folder, model)
         return model.to(device), run_name
+    except InjectError:
+        raise
     except Exception as e:  # torch raises many types for a damaged file
         raise InjectError(f"{folder}: cannot load the {fmt} weights: {e}") from None
 
 
 def _load_sharded_model_state(folder: Path, model: torch.nn.Module) -> None:
-    import torch.distributed.checkpoint as dcp
-
     if (folder / "rank0.pt").exists():
         from olmo.checkpoint import TorchLegacyShardedCheckpointer
         from olmo.config import TrainConfig
 
+        for rank_file in sorted(folder.glob("rank*.pt")):
+            check_file(rank_file)  # refused here, the file named, rather than inside ai2-olmo's thread pool
         checkpointer = TorchLegacyShardedCheckpointer(TrainConfig.load(folder / "config.yaml"))
-        # The rank files pickle ShardedTensor objects, which torch >= 2.6's weights_only loading refuses.
-        with _environment(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"):
+        with checked_olmo_loads(detached_sharded_tensor()):  # ShardedTensors, without a process group
             state, _, _ = checkpointer.unshard_checkpoint(folder, load_optimizer_state=False, load_trainer_state=False)
         model.load_state_dict(state)
         return
     state = {"model": model.state_dict()}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder / "model_and_optim")), no_dist=True)
+    load_dcp_tensors(folder / "model_and_optim", state)
     model.load_state_dict(state["model"])
-
-
-@contextmanager
-def _environment(**values: str):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _load_hf(folder: Path, manifest: dict, device: str):
@@ -191,6 +183,9 @@ def _load_hf(folder: Path, manifest: dict, device: str):
     except ValueError as e:
         raise InjectError(f"{folder}/config.json: not JSON: {e}") from None
     _check_vocabulary(folder, int(config.get("vocab_size", 0)), config.get("eos_token_id"), manifest)
+    if not any(folder.glob("*.safetensors")):  # transformers then reads the pickled .bin files (weights_only)
+        for weights in sorted(folder.glob("*.bin")):
+            check_file(weights)
     try:
         if config.get("model_type") == "hf_olmo":
             model = _load_hf_olmo(folder, config)
@@ -198,6 +193,8 @@ def _load_hf(folder: Path, manifest: dict, device: str):
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    except InjectError:
+        raise
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a broken folder
         raise InjectError(f"{folder}: cannot load as a Hugging Face model: {e}") from None
     return model.to(device)
@@ -218,7 +215,7 @@ def _load_hf_olmo(folder: Path, config: dict) -> torch.nn.Module:
 
         state = load_file(folder / "model.safetensors")
     else:
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        state = load_file(folder / "pytorch_model.bin")
     model = OLMo(model_config)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     return model

@@ -39,6 +39,7 @@ class EvalReport:
     evaluated: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # the failed ones refused as unsafe to unpickle
 
 
 @dataclass
@@ -146,7 +147,7 @@ def evaluate(path: Path, build_dir: Path, out_dir: Path | None = None, seen: int
 
     done = run_over_checkpoints(path, build_dir, out_dir, settings, "eval-config.json", score, device)
     write_summary(out_dir)
-    return EvalReport(done.analyzed, done.skipped, done.failed)
+    return EvalReport(done.analyzed, done.skipped, done.failed, done.refused)
 
 
 def read_results(out_dir: Path) -> list[dict]:

@@ -364,7 +364,7 @@ def cmd_eval(args) -> int:
     print(f"evaluated steps {report.evaluated or '-'}; already done {report.skipped or '-'}")
     for failure in report.failed:
         print(f"failed: {failure}", file=sys.stderr)
-    return 1 if report.failed else 0
+    return 2 if report.refused else 1 if report.failed else 0  # 2: a checkpoint unsafe to load
 
 
 def cmd_slurm(args) -> int:
@@ -398,7 +398,7 @@ def cmd_analyze(args) -> int:
     print(f"analyzed steps {report.analyzed or '-'}; already done {report.skipped or '-'}; results in {report.out_dir}")
     for failure in report.failed:
         print(f"failed: {failure}", file=sys.stderr)
-    return 1 if report.failed else 0
+    return 2 if report.refused else 1 if report.failed else 0  # 2: a checkpoint unsafe to load
 
 
 def cmd_inspect(args) -> int:

@@ -151,11 +151,9 @@ def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezv
     import torch
 
     nproc = nproc or max(torch.cuda.device_count(), 1)
+    _check_resume_checkpoint(Path(config_path).parent)
     worker = ["-m", "olmo_configs.worker", str(config_path)]
     env = {
-        # ai2-olmo 0.6.0 restores trainer state (RNG states, numpy objects) with a plain torch.load, which
-        # torch >= 2.6 refuses by default (weights_only=True). The checkpoints are our own.
-        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
         "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // nproc)),  # the cores this job may use
         # glibc returns large freed blocks to the OS by default; the logits (tokens x 50k) are reallocated
         # every micro-batch, and the page faults tripled step time on CPU. Keep them.
@@ -197,6 +195,19 @@ def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezv
 def _agent_preexec(launcher: int) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     die_with_parent(launcher)  # the agent's workers set their own (olmo_configs.worker): they die with the agent
+
+
+def _check_resume_checkpoint(run_dir: Path) -> None:
+    """The checkpoint a rerun resumes from is read with weights_only and an allowlist (olmo_configs.safe_load):
+    one that needs any other class is refused here, naming the file, before any trainer starts."""
+    from olmo.util import find_latest_checkpoint
+
+    from .safe_load import check_checkpoint, check_environment
+
+    check_environment()
+    latest = find_latest_checkpoint(run_dir)
+    if latest is not None:
+        check_checkpoint(latest)
 
 
 def _children(pid: int) -> list[int]:

@@ -33,6 +33,7 @@ def main(config_path: str) -> None:
     from .compat import CompatTrainer
     from .ladder import checkpoint_steps
     from inject.lock import die_with_parent
+    from .safe_load import CheckpointRefused, checked_olmo_loads
 
     die_with_parent()  # a killed launcher (or torchrun agent) takes its trainers with it
 
@@ -86,7 +87,12 @@ def main(config_path: str) -> None:
         trainer.stop_requested = bool(early_stop)
         if latest is not None:
             log.info("resuming from %s", latest)
-            trainer.restore_checkpoint(latest, load_optimizer_state=True, load_trainer_state=True)
+            try:
+                with checked_olmo_loads():  # weights_only, with the allowlist of what ai2-olmo's checkpoints hold
+                    trainer.restore_checkpoint(latest, load_optimizer_state=True, load_trainer_state=True)
+            except CheckpointRefused as e:
+                log.error("%s", e)
+                sys.exit(2)
             trim_indices(trainer.indices_file, trainer.global_step)
         else:
             trainer.save_checkpoint(trainer.checkpoint_type())  # step 0: the initialization, for eval baselines

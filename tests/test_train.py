@@ -84,8 +84,8 @@ def test_a_killed_run_resumes_with_the_same_batches_and_weights(demo_build, tmp_
     assert not (tmp_path / "killed" / "step30-unsharded").exists()
     assert run_cli(*args, "--run", tmp_path / "killed") == 0
     assert step_indices(tmp_path / "killed") == step_indices(tmp_path / "full")
-    full = torch.load(tmp_path / "full" / "step30-unsharded" / "model.pt")
-    resumed = torch.load(tmp_path / "killed" / "step30-unsharded" / "model.pt")
+    full = torch.load(tmp_path / "full" / "step30-unsharded" / "model.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "step30-unsharded" / "model.pt", weights_only=True)
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)  # bitwise equal on CPU
 

@@ -1,0 +1,174 @@
+"""Loading a checkpoint never runs code from it: crafted checkpoints whose unpickling would create a marker
+file are refused, in every format the toolkit reads, naming the file and the class; real ones still load."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import docs, make_texts, run_cli, write_shard
+
+TINY = Path(__file__).parent.parent / "olmo_configs" / "tiny.yaml"
+TRAIN = ["--global_train_batch_size=8", "--device_train_microbatch_size=8", "--model.max_sequence_length=64",
+         "--max_duration=2"]
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("safetybuild")
+    write_shard(folder / "c.jsonl", docs(make_texts(1500)))
+    config = {"inputs": ["c.jsonl"], "sequence_length": 64, "training": {"global_batch_size": 8, "steps": 60},
+              "tasks": [{"name": "cmp2", "task": "comparison", "params": {"digits": 2}, "schedule": {"kind": "even", "rate": 1}}]}
+    (folder / "b.yaml").write_text(yaml.safe_dump(config))
+    assert run_cli("build", folder / "b.yaml", "--out", folder / "build") == 0
+    return folder / "build"
+
+
+@pytest.fixture(scope="module")
+def run(build, tmp_path_factory) -> Path:
+    """A real tiny run (ai2-olmo's trainer, DDP on CPU): step0, step1, step2 unsharded, each with model.pt,
+    optim.pt and train.pt."""
+    run = tmp_path_factory.mktemp("safetyrun") / "run"
+    assert run_cli("train", TINY, "--data", build, "--run", run, *TRAIN) == 0
+    return run
+
+
+class _Attribute:
+    """Pickles as getattr(owner, name): how protocol 2 names a method, and a way to reach one."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __call__(self, *args):
+        return getattr(self.owner, self.name)(*args)
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+class Payload:
+    """Unpickling it creates `marker`: through os.system (GLOBAL posix.system) or through an allowlisted
+    class's method (getattr(PosixPath, 'touch'), which only the restricted getattr stops)."""
+
+    def __init__(self, marker: Path, via: str):
+        self.marker, self.via = marker, via
+
+    def __reduce__(self):
+        if self.via == "system":
+            return __import__("os").system, (f"touch {self.marker}",)
+        return _Attribute(pathlib.PosixPath, "touch"), (pathlib.PosixPath(self.marker),)
+
+
+GLOBAL = {"system": "posix.system", "getattr": "pathlib.PosixPath.touch"}
+
+
+@pytest.mark.parametrize("via", ["system", "getattr"])
+def test_the_crafted_payloads_run_code_when_unpickled_without_the_protection(tmp_path, via):
+    """The control: these files are really malicious, so the refusals below mean something."""
+    marker = tmp_path / "marker"
+    torch.save({"x": Payload(marker, via)}, tmp_path / "model.pt")
+    torch.load(tmp_path / "model.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_eval_refuses_a_malicious_checkpoint_of_every_format_and_evaluates_the_others(build, run, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run / "step1-unsharded", mixed / "step1-unsharded")  # a real one
+    config = (run / "step1-unsharded" / "config.yaml").read_text()
+    state = torch.load(run / "step1-unsharded" / "model.pt", weights_only=True)
+
+    unsharded = mixed / "step2-unsharded"  # the real weights, plus one value that runs code
+    unsharded.mkdir()
+    (unsharded / "config.yaml").write_text(config)
+    torch.save({**state, "transformer.extra": Payload(marker, "getattr")}, unsharded / "model.pt")
+
+    sharded = mixed / "step3"  # a torch_legacy rank file
+    sharded.mkdir()
+    (sharded / "config.yaml").write_text(config)
+    torch.save({"model": state, "optim": Payload(marker, "system")}, sharded / "rank0.pt")
+
+    distributed = mixed / "step4"  # a torch distributed checkpoint: its .metadata is a plain pickle
+    (distributed / "model_and_optim").mkdir(parents=True)
+    (distributed / "config.yaml").write_text(config)
+    (distributed / "model_and_optim" / ".metadata").write_bytes(pickle.dumps(Payload(marker, "system")))
+
+    hf = mixed / "step5-hf"  # a Hugging Face folder with pickled weights
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "olmo", "vocab_size": 50304, "eos_token_id": 50279}))
+    torch.save({"model.embed_tokens.weight": Payload(marker, "getattr")}, hf / "pytorch_model.bin")
+
+    assert run_cli("eval", mixed, "--data", build, "--seen", 5, "--held-out", 5) == 2
+    captured = capsys.readouterr()
+    assert "evaluated steps [1]" in captured.out
+    for path, via in [(unsharded / "model.pt", "getattr"), (sharded / "rank0.pt", "system"),
+                      (distributed / "model_and_optim" / ".metadata", "system"), (hf / "pytorch_model.bin", "getattr")]:
+        assert f"{path}: refused: loading it needs {GLOBAL[via]}," in captured.err
+    assert sorted(p.name for p in (mixed / "eval").glob("step*.jsonl")) == ["step1.jsonl"]
+    assert not marker.exists()
+
+
+def test_a_resume_from_a_malicious_train_pt_is_refused_before_training(build, run, tmp_path, capsys):
+    from olmo_configs.safe_load import load_file
+
+    marker = tmp_path / "marker"
+    latest = run / "step2-unsharded" / "train.pt"  # what a rerun resumes from
+    real = latest.read_bytes()
+    state = load_file(latest)
+    try:
+        torch.save({**state, "rng": Payload(marker, "system")}, latest)
+        assert run_cli("train", TINY, "--data", build, "--run", run, *TRAIN) == 2
+        assert f"{latest}: refused: loading it needs posix.system," in capsys.readouterr().err
+    finally:
+        latest.write_bytes(real)
+    assert not marker.exists()
+    assert sorted(p.name for p in run.glob("step*")) == ["step0-unsharded", "step1-unsharded", "step2-unsharded"]
+
+
+def test_the_trainer_restores_through_the_allowlist_and_never_reads_a_pickled_safetensors_sibling(run, tmp_path):
+    """Inside the worker's context ai2-olmo's own loader (what Trainer.restore_checkpoint calls) refuses a
+    malicious train.pt, and ignores a train.safetensors whose values ai2-olmo would un-pickle."""
+    import olmo.checkpoint
+    from olmo.safetensors_util import state_dict_to_safetensors_file
+
+    from olmo_configs.safe_load import CheckpointRefused, checked_olmo_loads
+
+    marker = tmp_path / "marker"
+    folder = tmp_path / "step2-unsharded"
+    shutil.copytree(run / "step2-unsharded", folder)
+    state_dict_to_safetensors_file({"rng": Payload(marker, "getattr")}, folder / "train.safetensors")
+    with checked_olmo_loads():
+        restored = olmo.checkpoint.load_state_dict(folder, "train.pt")
+    assert restored["global_step"] == 2 and not marker.exists()
+    olmo.checkpoint.load_state_dict(folder, "train.pt")  # the control: ai2-olmo alone runs it
+    assert marker.exists()
+    marker.unlink()
+
+    torch.save({"rng": Payload(marker, "getattr")}, folder / "train.pt")
+    with pytest.raises(CheckpointRefused, match=f"{folder / 'train.pt'}: refused: loading it needs pathlib.PosixPath.touch"):
+        with checked_olmo_loads():
+            olmo.checkpoint.load_state_dict(folder, "train.pt")
+    assert not marker.exists()
+
+
+def test_real_checkpoints_load_under_the_allowlist(run):
+    from olmo_configs.safe_load import check_checkpoint, load_file
+
+    for step in (0, 1, 2):
+        check_checkpoint(run / f"step{step}-unsharded")  # model.pt, optim.pt, train.pt
+    trainer = load_file(run / "step2-unsharded" / "train.pt")
+    assert trainer["global_step"] == 2 and trainer["rng"]["numpy"][1].dtype.name == "uint32"
+    assert all(isinstance(p, pathlib.PosixPath) for p in trainer["unsharded_checkpoints"])
+
+
+def test_torch_s_switch_that_turns_the_protection_off_is_refused(build, run, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    assert run_cli("train", TINY, "--data", build, "--run", run, *TRAIN) == 2
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set" in capsys.readouterr().err
