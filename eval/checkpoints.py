@@ -192,7 +192,7 @@ def _load_hf(folder: Path, manifest: dict, device: str):
         else:
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, trust_remote_code=False)
     except InjectError:
         raise
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a broken folder
@@ -211,9 +211,9 @@ def _load_hf_olmo(folder: Path, config: dict) -> torch.nn.Module:
     model_config = ModelConfig(**{k: v for k, v in config.items() if k in known})
     model_config.init_device = "cpu"
     if (folder / "model.safetensors").exists():
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file as load_safetensors
 
-        state = load_file(folder / "model.safetensors")
+        state = load_safetensors(folder / "model.safetensors")
     else:
         state = load_file(folder / "pytorch_model.bin")
     model = OLMo(model_config)

@@ -99,13 +99,16 @@ def detached_sharded_tensor() -> type:
 _DETACHED: type | None = None
 
 
-def refusal(path: Path | str, error: Exception) -> CheckpointRefused:
-    """The error for a file that an allowlisting unpickler refused, naming the global it asked for."""
+def refusal(path: Path | str, error: Exception) -> CheckpointRefused | None:
+    """The error for a file that an allowlisting unpickler refused, naming the global it asked for; None
+    when `error` is not such a refusal (a damaged file, reported as such by the caller)."""
     text = str(error)
     found = (re.search(r"GLOBAL (\S+?) (?:was not|whose)", text)
              or re.search(r"but got <class '([^']+)'>", text)
              or re.search(r"unrecognized function (.+?)(?: which|$)", text, re.M))
-    what = found.group(1) if found else text.strip().splitlines()[-1]
+    if found is None:
+        return None
+    what = found.group(1)
     return CheckpointRefused(f"{path}: refused: loading it needs {what}, which is none of the classes ai2-olmo "
                              f"checkpoints hold (unpickling it could run code from the file)")
 
@@ -120,7 +123,7 @@ def _load(path: Path | str, map_location: Any = "cpu", mmap: bool = False) -> An
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise refusal(path, e) from None
+        raise refusal(path, e) or e from None
 
 
 def load_file(path: Path | str, map_location: Any = "cpu", sharded_tensor: type | None = None, mmap: bool = False) -> Any:
@@ -131,7 +134,12 @@ def load_file(path: Path | str, map_location: Any = "cpu", sharded_tensor: type 
 
 def check_file(path: Path | str) -> None:
     """Refuse `path` unless it loads under the allowlist. Memory-mapped: the tensors' bytes are not read."""
-    load_file(path, sharded_tensor=detached_sharded_tensor(), mmap=True)
+    try:
+        load_file(path, sharded_tensor=detached_sharded_tensor(), mmap=True)
+    except InjectError:
+        raise
+    except Exception as e:  # torch raises many types for a damaged file
+        raise InjectError(f"{path}: cannot be read as a checkpoint file: {e}") from None
 
 
 def check_checkpoint(folder: Path | str) -> None:
@@ -200,7 +208,7 @@ def read_dcp_metadata(path: Path | str):
         try:
             return unpickler.load()
         except pickle.UnpicklingError as e:
-            raise refusal(path, e) from None
+            raise refusal(path, e) or e from None
 
 
 def load_dcp_tensors(folder: Path | str, state: dict[str, dict]) -> None:

@@ -100,16 +100,21 @@ def test_eval_refuses_a_malicious_checkpoint_of_every_format_and_evaluates_the_o
     (distributed / "config.yaml").write_text(config)
     (distributed / "model_and_optim" / ".metadata").write_bytes(pickle.dumps(Payload(marker, "system")))
 
-    hf = mixed / "step5-hf"  # a Hugging Face folder with pickled weights
+    hf = mixed / "step5-hf"  # a Hugging Face folder with pickled weights, read by transformers
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "olmo", "vocab_size": 50304, "eos_token_id": 50279}))
     torch.save({"model.embed_tokens.weight": Payload(marker, "getattr")}, hf / "pytorch_model.bin")
+    hf_olmo = mixed / "step6-hf"  # one written by ai2-olmo's converter, read by ai2-olmo's OLMo class
+    hf_olmo.mkdir()
+    (hf_olmo / "config.json").write_text(json.dumps({"model_type": "hf_olmo", "vocab_size": 50304, "eos_token_id": 50279}))
+    torch.save({**state, "model.extra": Payload(marker, "system")}, hf_olmo / "pytorch_model.bin")
 
     assert run_cli("eval", mixed, "--data", build, "--seen", 5, "--held-out", 5) == 2
     captured = capsys.readouterr()
     assert "evaluated steps [1]" in captured.out
     for path, via in [(unsharded / "model.pt", "getattr"), (sharded / "rank0.pt", "system"),
-                      (distributed / "model_and_optim" / ".metadata", "system"), (hf / "pytorch_model.bin", "getattr")]:
+                      (distributed / "model_and_optim" / ".metadata", "system"), (hf / "pytorch_model.bin", "getattr"),
+                      (hf_olmo / "pytorch_model.bin", "system")]:
         assert f"{path}: refused: loading it needs {GLOBAL[via]}," in captured.err
     assert sorted(p.name for p in (mixed / "eval").glob("step*.jsonl")) == ["step1.jsonl"]
     assert not marker.exists()
