@@ -24,6 +24,7 @@ import os
 import pathlib
 import pickle
 import re
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,13 @@ def load_file(path: Path | str, map_location: Any = "cpu", sharded_tensor: type 
 
 
 def check_file(path: Path | str) -> None:
-    """Refuse `path` unless it loads under the allowlist. Memory-mapped: the tensors' bytes are not read."""
+    """Refuse `path` unless it loads under the allowlist. Memory-mapped (torch's zip format, what torch has
+    written since 1.6): the tensors' bytes are not read."""
     try:
-        load_file(path, sharded_tensor=detached_sharded_tensor(), mmap=True)
+        if Path(path).name == ".metadata":
+            read_dcp_metadata(path)
+        else:
+            load_file(path, sharded_tensor=detached_sharded_tensor(), mmap=zipfile.is_zipfile(path))
     except InjectError:
         raise
     except Exception as e:  # torch raises many types for a damaged file
@@ -146,10 +151,8 @@ def check_checkpoint(folder: Path | str) -> None:
     """Refuse an ai2-olmo checkpoint folder if any of its `.pt` files (model, optimizer, trainer state, rank
     files) or its distributed-checkpoint metadata needs a global outside the allowlist."""
     folder = Path(folder)
-    for path in sorted(folder.rglob("*.pt")):
+    for path in sorted([*folder.rglob("*.pt"), *folder.rglob(".metadata")]):
         check_file(path)
-    for metadata in sorted(folder.rglob(".metadata")):
-        read_dcp_metadata(metadata)
 
 
 @contextmanager
