@@ -7,6 +7,7 @@ import json
 import pathlib
 import pickle
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -120,21 +121,33 @@ def test_eval_refuses_a_malicious_checkpoint_of_every_format_and_evaluates_the_o
     assert not marker.exists()
 
 
+@contextmanager
+def resumable_from_step1(run: Path):
+    """The module's run as if killed after step 1 (a complete run is not resumed): step2 put aside, then back."""
+    aside = run / "aside-step2-unsharded"
+    (run / "step2-unsharded").rename(aside)
+    try:
+        yield run / "step1-unsharded"
+    finally:
+        shutil.rmtree(run / "step2-unsharded", ignore_errors=True)  # only there if a refusal failed
+        aside.rename(run / "step2-unsharded")
+
+
 def test_a_resume_from_a_malicious_train_pt_is_refused_before_training(build, run, tmp_path, capsys):
     from olmo_configs.safe_load import load_file
 
     marker = tmp_path / "marker"
-    latest = run / "step2-unsharded" / "train.pt"  # what a rerun resumes from
-    real = latest.read_bytes()
-    state = load_file(latest)
-    try:
-        torch.save({**state, "rng": Payload(marker, "system")}, latest)
-        assert run_cli("train", TINY, "--data", build, "--run", run, *TRAIN) == 2
-        assert f"{latest}: refused: loading it needs posix.system," in capsys.readouterr().err
-    finally:
-        latest.write_bytes(real)
+    with resumable_from_step1(run) as latest:
+        train_pt = latest / "train.pt"  # what the rerun resumes from
+        real = train_pt.read_bytes()
+        try:
+            torch.save({**load_file(train_pt), "rng": Payload(marker, "system")}, train_pt)
+            assert run_cli("train", TINY, "--data", build, "--run", run, *TRAIN) == 2
+            assert f"{train_pt}: refused: loading it needs posix.system," in capsys.readouterr().err
+            assert not (run / "step2-unsharded").exists()  # no trainer started
+        finally:
+            train_pt.write_bytes(real)
     assert not marker.exists()
-    assert sorted(p.name for p in run.glob("step*")) == ["step0-unsharded", "step1-unsharded", "step2-unsharded"]
 
 
 def test_the_trainer_restores_through_the_allowlist_and_never_reads_a_pickled_safetensors_sibling(run, tmp_path):
@@ -175,5 +188,7 @@ def test_real_checkpoints_load_under_the_allowlist(run):
 
 def test_torch_s_switch_that_turns_the_protection_off_is_refused(build, run, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    assert run_cli("train", TINY, "--data", build, "--run", run, *TRAIN) == 2
-    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set" in capsys.readouterr().err
+    with resumable_from_step1(run):
+        assert run_cli("train", TINY, "--data", build, "--run", run, *TRAIN) == 2
+        assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set" in capsys.readouterr().err
+        assert not (run / "step2-unsharded").exists()
