@@ -65,12 +65,30 @@ def score_items(model, items, pad: int, batch_size: int = 64, calibrate: bool = 
 
 
 def null_scores(model, items, pad: int, batch_size: int = 64) -> list[np.ndarray]:
-    """Each item's candidates scored after its content-free prompt; equal (prompt, candidates) scored once."""
-    keys = [(tuple(it.null_context), tuple(map(tuple, it.candidates))) for it in items]
-    unique = list(dict.fromkeys(keys))
-    scored = candidate_scores(model, [Query(list(k[0]), [list(c) for c in k[1]], 0) for k in unique], pad, batch_size)
-    by_key = {k: s for k, (s, _) in zip(unique, scored)}
-    return [by_key[k] for k in keys]
+    """Each item's candidates scored after its content-free prompt. Single-token candidates are read off one
+    forward pass per distinct content-free prompt; multi-token ones once per distinct (prompt, candidates)."""
+    def key(it):
+        if all(len(c) == 1 for c in it.candidates):
+            return (tuple(it.null_context), None)
+        return (tuple(it.null_context), tuple(map(tuple, it.candidates)))
+
+    tokens: dict[tuple, set] = {}
+    for it in items:
+        if key(it)[1] is None:
+            tokens.setdefault(key(it), set()).update(c[0] for c in it.candidates)
+    unique = list(dict.fromkeys(key(it) for it in items))
+    queries = [Query(list(k[0]), [[t] for t in sorted(tokens[k])] if k[1] is None else [list(c) for c in k[1]], 0)
+               for k in unique]
+    scored = {k: (q, s) for k, q, (s, _) in zip(unique, queries, candidate_scores(model, queries, pad, batch_size))}
+    out = []
+    for it in items:
+        query, scores = scored[key(it)]
+        if key(it)[1] is None:
+            position = {c[0]: i for i, c in enumerate(query.candidates)}
+            out.append(np.array([scores[position[c[0]]] for c in it.candidates]))
+        else:
+            out.append(scores)
+    return out
 
 
 def _calibrated(it, scores: np.ndarray) -> dict:
