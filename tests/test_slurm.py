@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +96,40 @@ def test_reference_ladder_scripts_are_what_a_cluster_accepts():
     tokenize = jobs["build-tokenize"].script
     assert sbatch_options(tokenize)["array"] == "0-1000" and '--part "$SLURM_ARRAY_TASK_ID/1001"' in tokenize
     assert jobs["build-finish"].after == ["build-tokenize"]
+
+
+@pytest.mark.parametrize("complete", [False, True])
+def test_a_signal_after_the_last_step_does_not_requeue_a_complete_run(tmp_path, complete):
+    """The training script's own shell logic, run by bash with real signals. Only the two cluster commands it
+    calls are stand-ins (srun: a trainer that runs until signalled; scontrol: records a requeue); the real
+    cluster's requeue is tested in test_a_preempted_training_job_saves_requeues_and_resumes_from_its_checkpoint."""
+    sub = reference_submission()
+    t = sub.trainings[0]
+    sub.runs = tmp_path / "runs"
+    script = next(job for job in sub.jobs() if job.key == f"train-{t.name}").script
+    script = "\n".join(line for line in script.splitlines() if not line.startswith(("module ", "source ", "cd ")))
+    if complete:
+        (sub.runs / t.name / f"step{t.steps}-unsharded").mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/bash\ntrap 'exit 0' USR2\ntouch \"$STARTED\"\nwhile :; do sleep 0.1; done\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\n[ \"$1\" = requeue ] && echo \"$2\" >> \"$REQUEUED\"\n"
+                                      "[ \"$1\" = show ] && echo node1\nexit 0\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node1",
+           "SLURM_CPUS_PER_TASK": "1", "STARTED": str(tmp_path / "started"), "REQUEUED": str(tmp_path / "requeued")}
+    job = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR2)
+    out, _ = job.communicate(timeout=30)
+    assert job.returncode == 0, out
+    assert "USR2, saving" in out
+    assert (tmp_path / "requeued").exists() is not complete, out
+    if not complete:
+        assert (tmp_path / "requeued").read_text().split() == ["77"]
 
 
 def test_submit_dry_run_prints_every_script_and_writes_nothing(tmp_path, capsys):
