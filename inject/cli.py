@@ -485,7 +485,7 @@ def cmd_demo(args) -> int:
           olmo-inject train {tiny} --data {work / 'build'} --run {work / 'run-100'}     # 100 steps
           olmo-inject analyze probe {run} --data {work / 'build'}          # task features per layer
           olmo-inject analyze interference {run} --data {work / 'build'}   # gradient interference per layer
-          olmo-inject toy --out {work / 'toy'}                             # the capacity experiment, ~2 min
+          olmo-inject toy --out {work / 'toy'}                             # the capacity experiment, ~4.5 CPU-minutes
           edit {config_path} (rates, tasks, placement) and rerun:
             olmo-inject plan {config_path} && olmo-inject build {config_path} --out {work / 'build'} --overwrite"""))
     return 0
