@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -431,19 +433,46 @@ def _print_summary(out: Path, manifest: dict) -> None:
     print(f"  OLMo data block: {out}/olmo-data.yaml")
 
 
+class _StageClock:
+    """Wall and CPU seconds of each demo stage; CPU counts this process and its finished children (the
+    trainer), so it approximates the wall time of an otherwise idle machine when other jobs share the cores."""
+
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, float, float]] = []
+        self._start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.perf_counter(), time.process_time() + children.ru_utime + children.ru_stime
+
+    def lap(self, name: str) -> None:
+        """Close the stage that ran since the previous lap."""
+        now = self._now()
+        self.stages.append((name, now[0] - self._start[0], now[1] - self._start[1]))
+        self._start = now
+
+    def summary(self) -> str:
+        wall, cpu = sum(s[1] for s in self.stages), sum(s[2] for s in self.stages)
+        return ("stage times (wall s / CPU s): " + ", ".join(f"{n} {w:.1f}/{c:.1f}" for n, w, c in self.stages)
+                + f"; total {wall:.1f}/{cpu:.1f}")
+
+
 def cmd_demo(args) -> int:
     from .build import run_build
     from .config import load_build_config
     from .plan import describe_plan, plot_plan
-    from .sample import write_sample_corpus
+    from .sample import write_demo_corpus
     from .verify import run_verify
     import olmo_configs
     from olmo_configs.train import resolve_config, train
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    print(f"[1/6] writing the sample corpus to {work / 'corpus'}")
-    write_sample_corpus(work / "corpus")
+    clock = _StageClock()
+    print(f"[1/6] writing the demo corpus (one sample-corpus document in four) to {work / 'corpus'}")
+    write_demo_corpus(work / "corpus")
+    clock.lap("corpus")
     config_path = work / "build.yaml"
     shutil.copyfile(EXAMPLES_DIR / "demo.yaml", config_path)
     config = load_build_config(config_path, workers=args.workers)
@@ -453,11 +482,13 @@ def cmd_demo(args) -> int:
     plot_plan(specs, config.training.steps, work / "plan.png")
     manifest = run_build(config, work / "build", overwrite=True)
     _print_summary(work / "build", manifest)
+    clock.lap("plan+build")
     print(f"[3/6] verifying {work / 'build'} with ai2-olmo's own training data loader")
     report = run_verify(work / "build")
     print(textwrap.indent(report.summary(), "  "))
     if not report.ok:
         return 1
+    clock.lap("verify")
     run = work / "run-tiny"
     print(f"[4/6] training the tiny OLMo model for {args.train_steps} steps on the build (CPU is fine) into {run}")
     shutil.rmtree(run, ignore_errors=True)
@@ -466,6 +497,7 @@ def cmd_demo(args) -> int:
     code = train(cfg, work / "build", run)
     if code:
         raise InjectError(f"training exited with code {code}")
+    clock.lap("train")
     from eval.report import make_report
     from eval.run import evaluate
 
@@ -474,8 +506,11 @@ def cmd_demo(args) -> int:
     if result.failed:
         raise InjectError("evaluation failed: " + "; ".join(result.failed))
     print(f"  evaluated steps {result.evaluated}; results in {run / 'eval'}")
+    clock.lap("eval")
     print(f"[6/6] writing the report to {work / 'report'}")
     make_report([run], work / "report")
+    clock.lap("report")
+    print(clock.summary())
     print(textwrap.dedent(f"""
         wrote: {work / 'build'} (token files, manifest.json, ledger.npy, olmo-data.yaml), {work / 'plan.png'},
                {run} (ai2-olmo checkpoints stepN-unsharded, data-indices/, eval/),

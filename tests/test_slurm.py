@@ -24,7 +24,7 @@ import slurm_cluster
 from conftest import run_cli
 from inject.cli import EXAMPLES_DIR
 from inject.errors import ConfigError
-from inject.sample import write_sample_corpus
+from inject.sample import write_demo_corpus
 from slurm.jobs import Submission
 from slurm.profile import load_profile
 
@@ -194,9 +194,9 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A sample corpus in 8 shards and the demo build config over it."""
+    """The demo corpus in 8 shards and the demo build config over it."""
     work = tmp_path_factory.mktemp("slurm-project")
-    write_sample_corpus(work / "corpus", shards=8)
+    write_demo_corpus(work / "corpus", shards=8)
     shutil.copyfile(EXAMPLES_DIR / "demo.yaml", work / "build.yaml")
     return work
 

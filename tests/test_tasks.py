@@ -190,7 +190,7 @@ def test_olmo_repetition_filter_is_detected(tmp_path, capsys):
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert run_cli("demo", "--workdir", tmp_path / "demo") == 0
     out = capsys.readouterr().out
-    assert "verify: OK" in out and "batches checked: 600 of 600" in out
+    assert "verify: OK" in out and "batches checked: 100 of 100" in out
     assert (tmp_path / "demo" / "plan.png").exists() and (tmp_path / "demo" / "build" / "ledger.npy").exists()
     assert (tmp_path / "demo" / "run-tiny" / "step20-unsharded" / "model.pt").exists()
     rows = [json.loads(line) for line in (tmp_path / "demo" / "run-tiny" / "eval" / "step20.jsonl").read_text().splitlines()]

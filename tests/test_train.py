@@ -18,7 +18,7 @@ import torch
 from conftest import run_cli
 from inject.cli import EXAMPLES_DIR
 from inject.injection import olmo_order
-from inject.sample import write_sample_corpus
+from inject.sample import write_demo_corpus
 
 TINY = Path(__file__).parent.parent / "olmo_configs" / "tiny.yaml"
 
@@ -26,7 +26,7 @@ TINY = Path(__file__).parent.parent / "olmo_configs" / "tiny.yaml"
 @pytest.fixture(scope="module")
 def demo_build(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("demo")
-    write_sample_corpus(work / "corpus")
+    write_demo_corpus(work / "corpus")
     shutil.copyfile(EXAMPLES_DIR / "demo.yaml", work / "build.yaml")
     assert run_cli("build", work / "build.yaml", "--out", work / "build") == 0
     return work / "build"
@@ -95,8 +95,8 @@ def test_train_refuses_a_config_that_does_not_match_the_build(demo_build, tmp_pa
     err = capsys.readouterr().err
     assert code == 2
     assert "global_train_batch_size is 16" in err and "needs 32" in err and "data.seed (or seed) is 1" in err
-    code = run_cli("train", TINY, "--data", demo_build, "--run", tmp_path / "r", "--max_duration=601")
-    assert code == 2 and "at most 600 steps" in capsys.readouterr().err
+    code = run_cli("train", TINY, "--data", demo_build, "--run", tmp_path / "r", "--max_duration=101")
+    assert code == 2 and "at most 100 steps" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
