@@ -192,3 +192,29 @@ def test_torch_s_switch_that_turns_the_protection_off_is_refused(build, run, mon
         assert run_cli("train", TINY, "--data", build, "--run", run, *TRAIN) == 2
         assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set" in capsys.readouterr().err
         assert not (run / "step2-unsharded").exists()
+
+
+def _save_sharded_rank_file(rank: int, folder: str) -> None:
+    """One of two gloo ranks: a ShardedTensor (rows split over the ranks) saved the way ai2-olmo's
+    torch_legacy checkpointer saves FSDP state, with torch.save per rank."""
+    import torch.distributed as dist
+    from torch.distributed._shard import sharded_tensor
+    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    spec = ChunkShardingSpec(dim=0, placements=["rank:0/cpu", "rank:1/cpu"])
+    weight = sharded_tensor.empty(spec, 4, 3)
+    weight.local_shards()[0].tensor.copy_(torch.arange(6.0).reshape(2, 3) + 6 * rank)
+    torch.save({"model": {"w": weight}, "global_step": 1}, Path(folder) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_rank_files_of_two_ranks_hold_sharded_tensors_that_load_under_the_allowlist(tmp_path):
+    from olmo_configs.safe_load import check_file, detached_sharded_tensor, load_file
+
+    torch.multiprocessing.spawn(_save_sharded_rank_file, args=(str(tmp_path),), nprocs=2)
+    for rank in (0, 1):
+        check_file(tmp_path / f"rank{rank}.pt")
+        weight = load_file(tmp_path / f"rank{rank}.pt", sharded_tensor=detached_sharded_tensor())["model"]["w"]
+        assert [s.metadata.shard_offsets for s in weight.local_shards()] == [[2 * rank, 0]]
+        assert torch.equal(weight.local_shards()[0].tensor, torch.arange(6.0).reshape(2, 3) + 6 * rank)
