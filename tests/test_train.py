@@ -71,21 +71,21 @@ def test_tiny_model_trains_100_steps_on_the_demo_build(demo_build, tmp_path):
 
 
 def test_a_killed_run_resumes_with_the_same_batches_and_weights(demo_build, tmp_path):
-    args = ["train", str(TINY), "--data", str(demo_build), "--max_duration=30"]
+    args = ["train", str(TINY), "--data", str(demo_build), "--max_duration=20"]
     assert run_cli(*args, "--run", tmp_path / "full") == 0
     killed = subprocess.Popen([sys.executable, "-m", "inject.cli", *args, "--run", str(tmp_path / "killed")],
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while not (tmp_path / "killed" / "step16-unsharded").exists():
-        assert killed.poll() is None and time.time() < deadline, "training ended before step 16"
+    while not (tmp_path / "killed" / "step8-unsharded").exists():
+        assert killed.poll() is None and time.time() < deadline, "training ended before step 8"
         time.sleep(0.2)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
-    assert not (tmp_path / "killed" / "step30-unsharded").exists()
+    assert not (tmp_path / "killed" / "step20-unsharded").exists()
     assert run_cli(*args, "--run", tmp_path / "killed") == 0
     assert step_indices(tmp_path / "killed") == step_indices(tmp_path / "full")
-    full = torch.load(tmp_path / "full" / "step30-unsharded" / "model.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "killed" / "step30-unsharded" / "model.pt", weights_only=True)
+    full = torch.load(tmp_path / "full" / "step20-unsharded" / "model.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "step20-unsharded" / "model.pt", weights_only=True)
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)  # bitwise equal on CPU
 
@@ -101,7 +101,7 @@ def test_train_refuses_a_config_that_does_not_match_the_build(demo_build, tmp_pa
 
 
 def test_sigusr2_saves_a_checkpoint_and_stops_then_the_run_resumes(demo_build, tmp_path):
-    args = ["train", str(TINY), "--data", str(demo_build), "--max_duration=30", "--run", str(tmp_path / "run")]
+    args = ["train", str(TINY), "--data", str(demo_build), "--max_duration=20", "--run", str(tmp_path / "run")]
     process = subprocess.Popen([sys.executable, "-m", "inject.cli", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
@@ -111,11 +111,11 @@ def test_sigusr2_saves_a_checkpoint_and_stops_then_the_run_resumes(demo_build, t
     process.send_signal(signal.SIGUSR2)  # what SLURM sends before a preemption or the time limit
     assert process.wait(timeout=600) == 0
     stopped = max(int(p.name[4:].split("-")[0]) for p in (tmp_path / "run").glob("step*-unsharded"))
-    assert 4 <= stopped < 30  # saved where it stopped, not at the end
+    assert 4 <= stopped < 20  # saved where it stopped, not at the end
     assert sorted(step_indices(tmp_path / "run")) == list(range(1, stopped + 1))
     assert run_cli(*args) == 0
-    assert (tmp_path / "run" / "step30-unsharded").exists()
-    assert sorted(step_indices(tmp_path / "run")) == list(range(1, 31))
+    assert (tmp_path / "run" / "step20-unsharded").exists()
+    assert sorted(step_indices(tmp_path / "run")) == list(range(1, 21))
 
 
 def test_two_processes_on_cpu_share_each_batch_and_train_like_one(demo_build, tmp_path):
@@ -150,7 +150,7 @@ def test_two_nodes_meet_at_a_rendezvous_and_usr2_to_each_launcher_stops_them_tog
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run = tmp_path / "run"
-    args = ["train", str(TINY), "--data", str(demo_build), "--run", str(run), "--max_duration=30"]
+    args = ["train", str(TINY), "--data", str(demo_build), "--run", str(run), "--max_duration=20"]
     nodes = [subprocess.Popen([sys.executable, "-m", "inject.cli", *args, "--nproc", "1", "--nnodes", "2",
                                "--rendezvous", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for _ in range(2)]
@@ -162,8 +162,8 @@ def test_two_nodes_meet_at_a_rendezvous_and_usr2_to_each_launcher_stops_them_tog
         node.send_signal(signal.SIGUSR2)
     assert [n.wait(timeout=600) for n in nodes] == [0, 0]
     stopped = max(int(p.name[4:].split("-")[0]) for p in run.glob("step*-unsharded"))
-    assert 4 <= stopped < 30
+    assert 4 <= stopped < 20
     assert run_cli(*args, "--nproc", "2") == 0  # same world size, one node
     for rank in (0, 1):
         steps = [int(line.split()[0]) for line in (run / "data-indices" / f"rank{rank}.tsv").read_text().splitlines()]
-        assert steps == list(range(1, 31))  # every step once per rank, across the stop
+        assert steps == list(range(1, 21))  # every step once per rank, across the stop
