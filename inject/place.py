@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .build import OutputWriter, TokenStream
 from .config import BuildConfig
 from .configtools import to_dict
 from .errors import InjectError
 from .injection import Plan, check_epoch, make_plan, make_specs, order_digest, pool_arrays, pool_record, training_order
 from .ledger import LEDGER, write_ledger
+from .stream import OutputWriter, TokenStream
 
 PLAN_FILE = "plan.npz"
 POOLS_FILE = "pools.npz"

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .build import TokenStream, load_manifest
+from .build import load_manifest
 from .config import TaskConfig, TrainingConfig, order_fields
 from .configtools import from_dict
 from .errors import InjectError
@@ -42,6 +42,7 @@ from .injection import Encoder, task_space, training_order
 from .ledger import read_ledger
 from .order import olmo_core_num_instances
 from .place import PLAN_FILE, POOLS_FILE
+from .stream import TokenStream
 from .tasks import make_task
 
 MAX_LISTED = 20
