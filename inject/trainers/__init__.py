@@ -1,0 +1,53 @@
+"""The trainer seam: everything specific to one trainer lives in one module here, behind one small interface.
+
+    ai2_olmo.py    ai2-olmo 0.6.0 (the legacy OLMo trainer; installed in the main environment)
+    olmo_core.py   OLMo-core 3.0.0 (OLMo 2/3's trainer; its own virtual environment, see `olmo_core.python()`)
+
+Build, verify, train, eval and slurm reach a trainer only through `get(name)` / `of_manifest(manifest)`, never
+by importing `olmo` or `olmo_core` themselves. Each trainer module provides (module-level functions; a module
+is the implementation, no classes to subclass):
+
+    NAME                                  the name used in configs and manifests (`training.trainer`)
+    order(num_instances, training, L)     the global instance order of a fresh run's first epoch (numpy only:
+                                          a build needs neither trainer's package; inject/order.py)
+    order_fields(L, training)             the trainer's config fields (dotted) that decide which instances a
+                                          step reads, with the values the build needs (olmo-data.yaml, verify,
+                                          train refuse others)
+    loader_batches(manifest, build, steps, ...)
+                                          (step, instance indices, token rows) as the trainer's OWN data loader
+                                          yields them: verify's independent replay
+    resolve_train_config(config, build, run, overrides)
+                                          the trainer's run config checked against the build (ConfigError
+                                          naming the field) and completed with the build's paths
+    launch(...)                           start training (resumes a stopped run; trains nothing on a complete one)
+    completed_step(run)                   the last step a run folder holds a complete checkpoint of
+    find_checkpoints(path) / load_model(checkpoint, manifest, device)
+                                          eval's view of the trainer's checkpoints (never running pickled code)
+
+Which of these a module implements so far is stated in its docstring.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+NAMES = ("ai2-olmo", "olmo-core")
+"""Trainers a build can target; ai2-olmo is the default (builds made before the choice existed are ai2-olmo's)."""
+
+
+def get(name: str) -> ModuleType:
+    """The module of trainer `name` (one of NAMES)."""
+    if name not in NAMES:
+        raise ValueError(f"unknown trainer {name!r}: expected one of {', '.join(NAMES)}")
+    return importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+
+
+def name_of(manifest: dict) -> str:
+    """The trainer a build's order was made for (builds without injection or made before the choice: ai2-olmo)."""
+    return (manifest.get("injection") or {}).get("training", {}).get("trainer", "ai2-olmo")
+
+
+def of_manifest(manifest: dict) -> ModuleType:
+    """The module of the trainer a build was made for."""
+    return get(name_of(manifest))
