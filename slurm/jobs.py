@@ -133,9 +133,7 @@ class Submission:
             lines[2:2] = [f"# {t.estimate}"]
         overrides = "".join(f" --{o}" for o in t.overrides)
         lines += [
-            "# Rendezvous on the first node; the port is derived from the job id, so jobs sharing a node differ.",
-            "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)",
-            "MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
+            *self._rendezvous_lines(),
             "echo \"olmo-inject: job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, nodes $SLURM_JOB_NODELIST, "
             "rendezvous $MASTER_ADDR:$MASTER_PORT\"",
             "",
@@ -163,6 +161,31 @@ class Submission:
             "",
         ]
         return Job(f"train-{t.name}", "\n".join(lines), after, "train", t.name)
+
+    def _rendezvous_lines(self) -> list[str]:
+        """Shell lines setting MASTER_ADDR/MASTER_PORT (and the profile's env) in a training job's script, which
+        SLURM runs on the allocation's first node: the head node, where rank 0 listens."""
+        p = self.profile
+        first, last = p.rendezvous_ports
+        if p.rendezvous_interface:
+            address = (f"MASTER_ADDR=$(ip -4 -o addr show dev {q(p.rendezvous_interface)} | "
+                       "awk '{split($4, a, \"/\"); print a[1]; exit}')")
+        else:
+            address = "MASTER_ADDR=$(hostname -I | awk '{print $1}')"
+        where = f"interface {p.rendezvous_interface}" if p.rendezvous_interface else "first address, `hostname -I`"
+        return [
+            *(f"export {k}={q(v)}" for k, v in sorted(p.env.items())),
+            f"# Rendezvous on this (the head) node by address ({where}): a node name need not resolve",
+            "# everywhere. The port comes from the job id, so jobs sharing a node differ, and lies below the ephemeral",
+            "# range, where outgoing connections take ports.",
+            address,
+            "if [ -z \"$MASTER_ADDR\" ]; then echo \"olmo-inject: no address for the rendezvous on $(hostname)\" >&2; exit 1; fi",
+            f"MASTER_PORT=$(( {first} + SLURM_JOB_ID % {last - first + 1} ))",
+            "read -r low high < /proc/sys/net/ipv4/ip_local_port_range || true",
+            "if [ -n \"${low:-}\" ] && [ \"$MASTER_PORT\" -ge \"$low\" ] && [ \"$MASTER_PORT\" -le \"$high\" ]; then",
+            "  echo \"olmo-inject: warning: port $MASTER_PORT is in this node's ephemeral range $low-$high (profile: rendezvous_ports)\" >&2",
+            "fi",
+        ]
 
     def _eval_job(self, t: Training) -> Job:
         e = self.profile.eval

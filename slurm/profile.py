@@ -18,6 +18,8 @@ from inject.errors import ConfigError
 PROFILES_DIR = Path(__file__).parent / "profiles"
 TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$|^\d+$")  # D-HH:MM:SS, HH:MM:SS or minutes
 MEMORY = re.compile(r"^\d+[KMGT]?$")
+EPHEMERAL = (32768, 60999)
+"""Linux's default ephemeral port range (net.ipv4.ip_local_port_range)."""
 
 
 @dataclass
@@ -69,6 +71,17 @@ class ClusterProfile:
     """Expected model FLOPs utilization, for the node-count arithmetic."""
     max_array_size: int = 1001
     """The cluster's MaxArraySize (`scontrol show config`): build arrays are chunked to it."""
+    rendezvous_ports: list[int] = field(default_factory=lambda: [10000, 29999])
+    """[first, last]: a training job's rendezvous port is `first + job id % (last - first + 1)`, so jobs sharing a
+    node differ. Keep it below Linux's ephemeral range (32768-60999, `/proc/sys/net/ipv4/ip_local_port_range`):
+    a port in it can be taken by any outgoing connection. The script checks the head node's actual range."""
+    rendezvous_interface: str | None = None
+    """Network interface whose IPv4 address the other nodes reach the head node on (e.g. `ib0`, `eth0`); None:
+    the head node's first address (`hostname -I`). Never the node's name: names need not resolve on every node,
+    and `hostname --ip-address` can give 127.0.x.x."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment for training jobs, exported before launch: NCCL and network settings such as
+    `NCCL_SOCKET_IFNAME`, `GLOO_SOCKET_IFNAME`, `NCCL_IB_HCA`, `NCCL_DEBUG`; none by default (NCCL's own choice)."""
     setup: list[str] = field(default_factory=list)
     """Shell lines every job runs first: `module load ...`, `source ~/venvs/olmo-inject/bin/activate`."""
     extra_sbatch: list[str] = field(default_factory=list)
@@ -95,6 +108,18 @@ class ClusterProfile:
                 problems.append(f"{prefix}mem: expected SLURM memory like 32G or 0, got {obj.mem!r}")
         if not problems and self.signal_seconds >= seconds(self.time_limit) / 2:
             problems.append(f"signal_seconds: {self.signal_seconds} s is half the time limit {self.time_limit} or more")
+        ports = self.rendezvous_ports
+        if not (isinstance(ports, list) and len(ports) == 2 and all(isinstance(x, int) for x in ports)
+                and 1024 <= ports[0] <= ports[1] <= 65535):
+            problems.append(f"rendezvous_ports: expected [first, last] with 1024 <= first <= last <= 65535, got {ports!r}")
+        elif ports[0] <= EPHEMERAL[1] and ports[1] >= EPHEMERAL[0]:
+            problems.append(f"rendezvous_ports: {ports} overlaps Linux's ephemeral port range {list(EPHEMERAL)}, where "
+                            f"any outgoing connection may hold the port; choose ports below {EPHEMERAL[0]}")
+        if not isinstance(self.env, dict) or not all(isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)
+                                                     for k in self.env):
+            problems.append(f"env: expected a mapping of environment variable names to values, got {self.env!r}")
+        if self.rendezvous_interface is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]+", str(self.rendezvous_interface)):
+            problems.append(f"rendezvous_interface: expected an interface name like eth0, got {self.rendezvous_interface!r}")
         for name in ("setup", "extra_sbatch"):
             if not isinstance(getattr(self, name), list) or not all(isinstance(x, str) for x in getattr(self, name)):
                 problems.append(f"{name}: expected a list of strings")

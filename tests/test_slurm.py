@@ -87,7 +87,7 @@ def test_reference_ladder_scripts_are_what_a_cluster_accepts():
         assert options["nodes"] == str(t.nodes) and options["gpus-per-node"] == "8" and options["ntasks-per-node"] == "1"
         assert options["time"] == "48:00:00" and options["signal"] == "B:USR2@300" and "requeue" in options
         assert "srun --kill-on-bad-exit=1" in script and f"--nproc 8 --nnodes {t.nodes}" in script
-        assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script and "SLURM_JOB_ID % 20000" in script
+        assert "MASTER_ADDR=$(hostname -I" in script and "MASTER_PORT=$(( 10000 + SLURM_JOB_ID % 20000 ))" in script
         assert jobs[f"train-{t.name}"].after == ["build-finish"] and jobs[f"eval-{t.name}"].after == [f"train-{t.name}"]
         assert sbatch_options(jobs[f"eval-{t.name}"].script)["gpus"] == "1"
         assert f"olmo-inject analyze interference /scratch/lab/runs/{t.name} --data /scratch/lab/build --device cuda" \
@@ -146,7 +146,8 @@ def test_bad_profiles_and_arguments_name_the_field(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     for text, field in [("gpus_per_node: -1", "gpus_per_node"), ("time_limit: 2 days", "time_limit"),
                         ("eval: {mem: lots}", "eval.mem"), ("partitoin: gpu", "partitoin"),
-                        ("setup: module load cuda", "setup")]:
+                        ("setup: module load cuda", "setup"), ("rendezvous_ports: [30000, 40000]", "rendezvous_ports"),
+                        ("rendezvous_ports: [29999, 10000]", "rendezvous_ports"), ("env: {1BAD: x}", "env")]:
         bad.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(field)) as e:
             load_profile(bad)
@@ -159,6 +160,30 @@ def test_bad_profiles_and_arguments_name_the_field(tmp_path, capsys):
     assert "--nodes: 'tiny=two' is not NAME=N" in capsys.readouterr().err
     assert run_cli("slurm", "status", "--runs", tmp_path / "nothing") == 2
     assert "nothing was submitted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interface", [None, "lo"])
+def test_the_rendezvous_is_an_address_and_a_port_outside_the_ephemeral_range(tmp_path, interface):
+    """The training script's rendezvous lines, run by bash as on a head node: MASTER_ADDR is an address (not a
+    node name, not 127.0.1.1 from `hostname --ip-address`), MASTER_PORT stays in the profile's range for any job
+    id, and the profile's environment is exported."""
+    profile = load_profile("local-cpu")
+    profile.rendezvous_interface = interface
+    profile.env = {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_DEBUG": "WARN"}
+    sub = Submission(runs=tmp_path / "runs", data=tmp_path / "b", profile=profile, trainings=[], build_config=None,
+                     build_inputs=0, workdir=tmp_path)
+    lines = "\n".join(sub._rendezvous_lines())
+    for job_id in (0, 1, 12345, 19999, 20000, 987654321):
+        done = subprocess.run(["bash", "-c", f"set -euo pipefail\nSLURM_JOB_ID={job_id}\n{lines}\n"
+                               "echo \"$MASTER_ADDR $MASTER_PORT $NCCL_SOCKET_IFNAME $NCCL_DEBUG\""],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        address, port, ifname, debug = done.stdout.split()
+        assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+", address), address
+        assert (address == "127.0.0.1") == (interface == "lo")
+        assert 10000 <= int(port) <= 29999 and int(port) == 10000 + job_id % 20000
+        assert (ifname, debug) == ("eth0", "WARN")
+        assert "ephemeral" not in done.stderr
 
 
 def test_build_parts_refuse_a_part_outside_the_array(tmp_path, capsys):
