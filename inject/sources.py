@@ -1,9 +1,16 @@
-"""Streaming readers for the two kinds of input: Dolma shards and pre-tokenized OLMo token files.
+"""Streaming readers for the kinds of input: documents (Dolma shards, Parquet, Arrow) and pre-tokenized OLMo
+token files.
 
 Dolma: one JSON object a line with a string `text`, in gzip, zstd or plain files (compression is
 detected from the first bytes, not trusted from the name). Per-record problems (bad JSON, missing or
 non-string text, bytes that are not UTF-8) are reported to a callback and skipped; a damaged
 compressed stream is fatal and names the file and the last good line.
+
+Parquet shards (FineWeb, DCLM and most Hub corpora) and the Arrow files of a `datasets.save_to_disk` folder:
+read in record batches of the text column only (never a whole file), rows in file order; a null or empty
+text is a per-record problem (its row number stands where a line number would), a missing or non-string
+text column is a configuration error naming the file and the columns it has. The text field's name is the
+build's `text_field` for every kind.
 
 Token files: headerless little-endian uint16/uint32 arrays as OLMo memory-maps them (`.npy` by
 convention, although there is no NumPy header); a real `.npy` with a header is accepted too.
@@ -28,7 +35,11 @@ import zstandard
 from .errors import ConfigError, InjectError
 
 DOLMA_SUFFIXES = (".json.gz", ".jsonl.gz", ".json.zst", ".jsonl.zst", ".jsonl", ".json", ".gz", ".zst")
+TABLE_SUFFIXES = (".parquet", ".arrow")
 TOKEN_SUFFIXES = (".npy", ".bin")
+INPUT_SUFFIXES = DOLMA_SUFFIXES + TABLE_SUFFIXES + TOKEN_SUFFIXES
+SAVED_DATASET = ("state.json", "dataset_info.json")  # what `datasets.Dataset.save_to_disk` writes beside its Arrow files
+TABLE_BATCH_ROWS = 1024  # rows per record batch read from a Parquet or Arrow file
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 NUMPY_MAGIC = b"\x93NUMPY"
@@ -47,12 +58,16 @@ class Problem:
 
 
 def source_kind(path: str | Path) -> str:
+    """`tokens`, `dolma` (JSON lines), `parquet` or `arrow`, from the file name."""
     name = str(path).lower()
     if name.endswith(TOKEN_SUFFIXES):
         return "tokens"
     if name.endswith(DOLMA_SUFFIXES):
         return "dolma"
-    raise ConfigError(f"inputs: {path}: unknown file type; expected one of {DOLMA_SUFFIXES + TOKEN_SUFFIXES}")
+    for suffix in TABLE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix[1:]
+    raise ConfigError(f"inputs: {path}: unknown file type; expected one of {INPUT_SUFFIXES}")
 
 
 def expand_inputs(entries: list[str], base_dir: Path | None = None, problems: list[Problem] | None = None) -> list[Path]:
@@ -94,23 +109,44 @@ def entry_path(entry: str, base_dir: Path | None = None) -> Path:
 
 
 def _walk(folder: Path, problems: list[Problem] | None) -> list[Path]:
-    """Input files under `folder`, recursively (links to folders are not followed, as `Path.rglob` does not)."""
-    found = []
-    for root, _, names in os.walk(folder):
+    """Input files under `folder`, recursively, in path order (links to folders are not followed, as `Path.rglob`
+    does not); a `datasets.save_to_disk` folder gives its Arrow files in the dataset's own order."""
+    found: list[tuple[Path, list[Path]]] = []  # (sort key, files): a saved dataset's files stay in its own order
+    for root, dirs, names in os.walk(folder):
         if _is_build(Path(root)):
             raise ConfigError(
                 f"inputs: {root} is an olmo-inject build ({MANIFEST} or .work/) inside the input folder {folder}: "
                 f"a build is an output and is never read as an input; move it out of {folder}, or name its token "
                 f"files explicitly ({root}/data/*.npy)")
+        if all(n in names for n in SAVED_DATASET):
+            found.append((Path(root), saved_dataset_files(Path(root))))
+            dirs[:] = []
+            continue
         for name in names:
             path = Path(root) / name
-            if not name.lower().endswith(DOLMA_SUFFIXES + TOKEN_SUFFIXES):
+            if not name.lower().endswith(INPUT_SUFFIXES):
                 continue
             if path.is_file():
-                found.append(path)
+                found.append((path, [path]))
             else:
                 _note_dangling([path], problems)
-    return sorted(found)
+    return [path for _, files in sorted(found) for path in files]
+
+
+def saved_dataset_files(folder: Path) -> list[Path]:
+    """The Arrow files of a `datasets.Dataset.save_to_disk` folder, in the dataset's row order (state.json's
+    `_data_files`, not the names' order)."""
+    state = folder / SAVED_DATASET[0]
+    try:
+        names = [entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"inputs: {state}: not the state.json of a datasets.save_to_disk folder "
+                          f"(expected _data_files: [{{filename: ...}}]): {e}") from None
+    files = [folder / name for name in names]
+    for path in files:
+        if not path.is_file() or source_kind(path) != "arrow":
+            raise ConfigError(f"inputs: {state} lists {path.name}, which is not an Arrow file in {folder}")
+    return files
 
 
 def _is_build(folder: Path) -> bool:
@@ -225,16 +261,24 @@ class FileStats:
     compression: str = ""
 
 
+def iter_texts(path: Path, on_problem: Callable[[Problem], None], stats: FileStats | None = None,
+               text_field: str = "text") -> Iterator[str]:
+    """The text of every good document of a document input (Dolma JSON lines, Parquet, Arrow), in file order."""
+    if source_kind(path) == "dolma":
+        return iter_dolma_texts(path, on_problem, stats, text_field)
+    return iter_table_texts(path, on_problem, stats, text_field)
+
+
 def iter_dolma_texts(
-    path: Path, on_problem: Callable[[Problem], None], stats: FileStats | None = None
+    path: Path, on_problem: Callable[[Problem], None], stats: FileStats | None = None, text_field: str = "text"
 ) -> Iterator[str]:
-    """The `text` of every good document in a Dolma shard, in file order."""
+    """The `text` (`text_field`) of every good document in a Dolma shard, in file order."""
     hashing = HashingReader(open(path, "rb"))
     line_no = 0
     try:
         stream, compression = _decompressed(path, hashing)
         for line_no, raw in enumerate(_lines(stream, path, compression), start=1):
-            text = _parse_record(raw, path, line_no, on_problem)
+            text = _parse_record(raw, path, line_no, on_problem, text_field)
             if text is not None:
                 yield text
         hashing.drain()
@@ -272,7 +316,8 @@ def _lines(stream, path: Path, compression: str) -> Iterator[bytes]:
         yield b"".join(unfinished)
 
 
-def _parse_record(raw: bytes, path: Path, line_no: int, on_problem: Callable[[Problem], None]) -> str | None:
+def _parse_record(raw: bytes, path: Path, line_no: int, on_problem: Callable[[Problem], None],
+                  field: str = "text") -> str | None:
     if not raw.strip():
         return None
     try:
@@ -288,24 +333,91 @@ def _parse_record(raw: bytes, path: Path, line_no: int, on_problem: Callable[[Pr
     if not isinstance(record, dict):
         on_problem(Problem(str(path), line_no, "invalid_json", f"expected a JSON object, got {type(record).__name__}"))
         return None
-    if "text" not in record:
-        on_problem(Problem(str(path), line_no, "missing_text", "record has no 'text' field"))
+    if field not in record:
+        on_problem(Problem(str(path), line_no, "missing_text", f"record has no {field!r} field"))
         return None
-    text = record["text"]
+    text = record[field]
     if not isinstance(text, str):
-        on_problem(Problem(str(path), line_no, "non_string_text", f"'text' is {type(text).__name__}, expected a string"))
+        on_problem(Problem(str(path), line_no, "non_string_text", f"{field!r} is {type(text).__name__}, expected a string"))
         return None
     if not text:
-        on_problem(Problem(str(path), line_no, "empty_text", "'text' is empty"))
+        on_problem(Problem(str(path), line_no, "empty_text", f"{field!r} is empty"))
         return None
     if "\\u" in line:  # the bytes were UTF-8, so only a JSON escape can have made a lone surrogate
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            on_problem(Problem(str(path), line_no, "invalid_unicode", f"'text' holds a lone surrogate "
+            on_problem(Problem(str(path), line_no, "invalid_unicode", f"{field!r} holds a lone surrogate "
                                f"\\u{ord(text[e.start]):04x} at character {e.start}: not text UTF-8 can encode"))
             return None
     return text
+
+
+def iter_table_texts(path: Path, on_problem: Callable[[Problem], None], stats: FileStats | None = None,
+                     text_field: str = "text") -> Iterator[str]:
+    """The `text_field` of every good row of a Parquet file or an Arrow file (IPC stream, as save_to_disk writes,
+    or IPC file), in row order, read one record batch of that column at a time."""
+    import pyarrow as pa
+
+    row = 0
+    try:
+        with pa.memory_map(str(path)) as source:
+            batches = _record_batches(path, source, text_field)
+            for batch in batches:
+                for text in batch.column(0).to_pylist():
+                    row += 1
+                    if text is None:
+                        on_problem(Problem(str(path), row, "missing_text", f"row {row}: {text_field!r} is null"))
+                    elif not text:
+                        on_problem(Problem(str(path), row, "empty_text", f"row {row}: {text_field!r} is empty"))
+                    else:
+                        yield text
+    except (pa.ArrowException, OSError) as e:
+        raise InjectError(f"{path}: damaged or unreadable {source_kind(path)} file after row {row}: {e}") from None
+    if stats is not None:
+        stats.sha256, stats.size_bytes, stats.compression = _file_sha256(path), path.stat().st_size, source_kind(path)
+
+
+def _record_batches(path: Path, source, field: str) -> Iterator:
+    """Record batches of the one column `field` (a ConfigError when the file has no such string column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if source_kind(path) == "parquet":
+        reader = pq.ParquetFile(source)
+        schema = reader.schema_arrow
+        _check_text_column(path, schema, field)
+        return reader.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=[field])
+    try:
+        reader = pa.ipc.open_stream(source)
+    except pa.ArrowInvalid:
+        source.seek(0)
+        file_reader = pa.ipc.open_file(source)
+        reader = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+        schema = file_reader.schema
+    else:
+        schema = reader.schema
+    _check_text_column(path, schema, field)
+    index = schema.get_field_index(field)
+    return (batch.select([index]) for batch in reader)
+
+
+def _check_text_column(path: Path, schema, field: str) -> None:
+    import pyarrow as pa
+
+    if field not in schema.names:
+        raise ConfigError(f"{path}: no column {field!r} (text_field); its columns: {', '.join(schema.names)}")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ConfigError(f"{path}: column {field!r} (text_field) holds {kind}, expected strings")
+
+
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+    return sha.hexdigest()
 
 
 def open_token_file(path: Path, dtype: str) -> np.ndarray:

@@ -133,7 +133,7 @@ def test_sample_corpus_is_deterministic_mixed_and_large_enough(tmp_path):
     assert run_cli("sample-corpus", tmp_path / "a", "--shards", 5) == 0
     assert run_cli("sample-corpus", tmp_path / "b", "--shards", 5) == 0
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert {n.split(".", 1)[1] for n in names} >= {"json.gz", "jsonl.zst"}
+    assert {n.split(".", 1)[1] for n in names} >= {"json.gz", "jsonl.zst", "parquet"}
     for n in names:
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
     cfg = write_config(tmp_path / "b.yaml", inputs=["a/"], sequence_length=256, instances_per_file=100000)
@@ -141,6 +141,7 @@ def test_sample_corpus_is_deterministic_mixed_and_large_enough(tmp_path):
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert manifest["counts"]["tokens"] >= 2_000_000
     assert manifest["counts"]["problems"] == 0
+    assert [i["kind"] for i in manifest["inputs"]] == ["dolma"] * 4 + ["parquet"]
     first = json.loads(__import__("gzip").open(tmp_path / "a" / names[0]).readline())
     assert set(first) == {"id", "text", "source", "added", "created", "metadata"}
 
