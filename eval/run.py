@@ -72,6 +72,7 @@ def exposure_fields(item, step: int) -> dict:
 
 def dolma_sample(build_dir: Path, count: int = DOLMA_INSTANCES, seed: int = 0) -> tuple[list[np.ndarray], str]:
     """(token rows, which kind) of `count` Dolma instances for the validation loss, see the module docstring."""
+    from inject import trainers
     from inject.config import TrainingConfig
     from inject.configtools import from_dict
     from inject.injection import training_order
@@ -86,12 +87,9 @@ def dolma_sample(build_dir: Path, count: int = DOLMA_INSTANCES, seed: int = 0) -
         injected = np.unique(np.asarray(read_ledger(build_dir)["instance"]))
         pool, kind = np.setdiff1d(np.arange(manifest["injection"]["num_instances"]), injected), "planned, not injected"
     chosen = np.sort(np.random.default_rng([seed, 7]).choice(pool, size=min(count, len(pool)), replace=False))
-    files = [(np.memmap(Path(build_dir) / f["path"], dtype=manifest["dtype"], mode="r"), f["tokens"] // L)
-             for f in manifest["outputs"]]
-    if t.trainer == "olmo-core":  # as verify reads it: each file chunked on its own, whole instance groups
-        from inject.order import olmo_core_num_instances
-
-        files = [(tokens, olmo_core_num_instances([n], t.instance_group(L))) for tokens, n in files]
+    outputs = manifest["outputs"]
+    per_file = trainers.get(t.trainer).file_instances([f["tokens"] // L for f in outputs], t, L)  # as the trainer reads them
+    files = [(np.memmap(Path(build_dir) / f["path"], dtype=manifest["dtype"], mode="r"), n) for f, n in zip(outputs, per_file)]
     rows = []
     for index in chosen:
         for tokens, instances in files:  # each file holds `instances` whole instances of L tokens, in file order

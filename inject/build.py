@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from . import __version__
 from . import tokenizer as tok
-from .config import BuildConfig, order_fields
+from . import trainers
+from .config import BuildConfig
 from .configtools import to_dict
 from .errors import InjectError
 from .lock import die_with_parent, folder_lock
@@ -366,7 +367,8 @@ def summarize_inputs(records: list[dict], input_problems: list[Problem] = ()) ->
 
 def data_block(config: BuildConfig, out_dir: Path, outputs: list[dict]) -> dict:
     """The OLMo TrainConfig fragment that trains on this build: data, tokenizer, and every field that fixes
-    which instances a step reads (`order_fields`), so that a TrainConfig merged with it reads the planned order."""
+    which instances a step reads (the build's trainer's `order_fields`), so that a TrainConfig merged with it reads
+    the planned order."""
     spec = tok.get_spec(config.tokenizer)
     block = {
         "data": {"paths": [str((out_dir / f["path"]).resolve()) for f in outputs], "memmap_dtype": config.token_dtype},
@@ -375,7 +377,8 @@ def data_block(config: BuildConfig, out_dir: Path, outputs: list[dict]) -> dict:
         "tokenizer": {"identifier": spec.olmo_identifier},
     }
     training = to_dict(config.training) if config.tasks else None
-    for name, value in order_fields(config.sequence_length, training).items():
+    trainer = trainers.get(config.training.trainer if training is not None else trainers.NAMES[0])
+    for name, value in trainer.order_fields(config.sequence_length, training).items():
         *parents, key = name.split(".")
         node = block
         for parent in parents:

@@ -348,12 +348,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import OlmoCoreLoader, run_verify
+    from . import trainers
+    from .verify import run_verify
 
     if args.ranks != 1 and not args.olmo_core_python:
         raise InjectError("--ranks: only with --olmo-core-python (ai2-olmo's loader is replayed as one rank)")
-    olmo_core = OlmoCoreLoader(args.olmo_core_python, args.ranks) if args.olmo_core_python else None
-    report = run_verify(args.build_dir, args.train_config, args.sample, args.seed, args.workers, olmo_core)
+    own_loader = (trainers.get("olmo-core").OlmoCoreLoader(args.olmo_core_python, args.ranks)
+                  if args.olmo_core_python else None)
+    report = run_verify(args.build_dir, args.train_config, args.sample, args.seed, args.workers, own_loader)
     print(report.summary())
     return 0 if report.ok else 1
 

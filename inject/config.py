@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from . import tokenizer as tok
+from . import trainers
 from .configtools import from_dict, load_yaml
 from .errors import ConfigError
-from .order import TRAINERS
 
 PLACEMENTS = ("sequence-start", "sequence-start-insert", "document-boundary")
 """Where injected examples go inside their instance; the BuildConfig.placement docstring says what each means."""
@@ -59,7 +59,7 @@ class TrainingConfig:
         return self.max_target_sequence_length // sequence_length
 
     def validate(self, where: str = "training", sequence_length: int | None = None) -> None:
-        _one_of(f"{where}.trainer", self.trainer, list(TRAINERS))
+        _one_of(f"{where}.trainer", self.trainer, list(trainers.NAMES))
         if self.trainer == "olmo-core":
             self._validate_olmo_core(where, sequence_length)
         else:
@@ -94,32 +94,6 @@ class TrainingConfig:
         if target is not None and (target < L or target % L):
             raise ConfigError(f"{where}.max_target_sequence_length: {target} is not a positive multiple of "
                               f"sequence_length {L}")
-
-
-def order_fields(sequence_length: int, training: dict | None) -> dict[str, Any]:
-    """Every OLMo TrainConfig field (dotted path) that decides which instances a training step reads, with the
-    value a build needs (`training`: a TrainingConfig as a dict; None for a build without injection).
-
-    The one list of them: `olmo-data.yaml` carries them, `train` and `verify --train-config` refuse a config
-    whose values differ (`epoch` also when unset, `fast_forward_batches` also when 0: the same order). For a build
-    made for OLMo-core (`trainer: olmo-core`) they are OLMo-core's dataset and data loader fields instead."""
-    if training is not None and training.get("trainer", "ai2-olmo") == "olmo-core":
-        # OLMo-core 3.0.0's config names (NumpyFSLDatasetConfig, NumpyDataLoaderConfig); `train` runs ai2-olmo only
-        return {"dataset.sequence_length": sequence_length,
-                "dataset.max_target_sequence_length": training["max_target_sequence_length"],
-                "data_loader.global_batch_size": training["global_batch_size_tokens"],
-                "data_loader.seed": training["seed"]}
-    fields: dict[str, Any] = {"model.max_sequence_length": sequence_length}
-    if training is not None:
-        fields.update({
-            "global_train_batch_size": training["global_batch_size"],
-            "data.seed": training["seed"],
-            "data.drop_last": training["drop_last"],
-            "epoch": 0,                   # the plan is laid out in epoch 0's order
-            "fast_forward_batches": None,  # skipping batches skips their planned examples
-            "restore_dataloader": True,    # else a resumed run reads the order again from batch 1
-        })
-    return fields
 
 
 @dataclass

@@ -25,7 +25,8 @@ import numpy as np
 from . import tokenizer as tok
 from .config import BuildConfig, PoolConfig, ScheduleConfig, TaskConfig, TrainingConfig
 from .errors import ConfigError, InjectError
-from .order import FIRST_EPOCH, ai2_olmo_order, olmo_core_num_instances, olmo_core_order
+from . import trainers
+from .order import FIRST_EPOCH, ai2_olmo_order
 from .tasks import EachInstanceItsOwnClass, Singletons, Task, check_template, make_task, parse_text, render_text, template_regex, templates_for
 
 MAX_NUMBER_TOKENS = 1 << 20
@@ -638,22 +639,14 @@ def olmo_order(num_instances: int, batch_size: int, seed: int, drop_last: bool) 
 
 
 def trainer_instances(training: TrainingConfig, num_instances: int, sequence_length: int) -> int:
-    """Instances the target trainer's dataset finds in a build of `num_instances` instances (files of
-    `instances_per_file` whole instances, checked to be whole groups by BuildConfig.validate): OLMo-core with
-    max_target_sequence_length = c * L drops the last file's instances past a multiple of c."""
-    if training.trainer == "olmo-core":
-        return olmo_core_num_instances([num_instances], training.instance_group(sequence_length))
-    return num_instances
+    """Instances the target trainer's dataset finds in a build of `num_instances` instances (its `usable_instances`)."""
+    return trainers.get(training.trainer).usable_instances(num_instances, training, sequence_length)
 
 
 def training_order(training: TrainingConfig, num_instances: int, sequence_length: int) -> np.ndarray:
     """The global order the target trainer reads a build of `num_instances` instances in, from its first epoch:
-    position (step - 1) * B + slot holds the instance of that step's batch slot."""
-    if training.trainer == "olmo-core":
-        count = trainer_instances(training, num_instances, sequence_length)
-        return olmo_core_order(count, training.global_batch_size, training.seed, training.instance_group(sequence_length),
-                               epoch=FIRST_EPOCH["olmo-core"])
-    return olmo_order(num_instances, training.global_batch_size, training.seed, training.drop_last)
+    position (step - 1) * B + slot holds the instance of that step's batch slot (its `order`)."""
+    return trainers.get(training.trainer).order(num_instances, training, sequence_length)
 
 
 def check_epoch(config: BuildConfig, num_instances: int) -> None:

@@ -22,9 +22,6 @@ import math
 
 import numpy as np
 
-TRAINERS = ("ai2-olmo", "olmo-core")
-"""The trainers whose order a build can target; ai2-olmo is the default."""
-
 FIRST_EPOCH = {"ai2-olmo": 0, "olmo-core": 1}
 """The epoch a fresh training run starts in (it seeds the shuffle: PCG64(seed + epoch))."""
 

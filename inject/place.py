@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import trainers
 from .config import BuildConfig
 from .configtools import to_dict
 from .errors import InjectError
@@ -86,16 +87,6 @@ def arrange(placement: str, block: np.ndarray, dolma: np.ndarray, after_eos: boo
     return np.concatenate([dolma[:position], block, dolma[position:]]), position, boundary
 
 
-def instance_filter_masks(tokens: np.ndarray) -> bool:
-    """True when ai2-olmo's repetition filter (InstanceFilterConfig defaults) would mask this instance."""
-    from olmo.config import InstanceFilterConfig
-    from olmo.data.util import find_periodic_sequences
-
-    f = InstanceFilterConfig()
-    return any(m.times >= f.repetition_max_count for m in find_periodic_sequences(
-        tokens.astype(np.int64), max_period=f.repetition_max_period, min_period=f.repetition_min_period))
-
-
 def may_be_filtered(rows: np.ndarray, max_period: int = 13, repeats: int = 32) -> np.ndarray:
     """Vectorized pre-check over instances [M, L]: False where OLMo's filter certainly keeps the instance.
 
@@ -114,11 +105,12 @@ def may_be_filtered(rows: np.ndarray, max_period: int = 13, repeats: int = 32) -
 def filtered_instances(contents) -> set[int]:
     """Instances (from (instance, tokens) pairs) that OLMo's repetition filter would mask, in chunks."""
     masked, chunk = set(), []
+    masks = trainers.get("ai2-olmo").instance_filter_masks  # ai2-olmo's filter, checked for either trainer's build
 
     def flush():
         rows = np.stack([t for _, t in chunk]).astype(np.int64)
         for (instance, tokens), possible in zip(chunk, may_be_filtered(rows)):
-            if possible and instance_filter_masks(tokens):
+            if possible and masks(tokens):
                 masked.add(instance)
         chunk.clear()
 

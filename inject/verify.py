@@ -2,7 +2,8 @@
 the plan and the ledger.
 
 Checks, each reported with the step/instance/file it concerns:
-  order     the batches come from `olmo.data.build_train_dataloader` (MemMapDataset + IterableDataset);
+  order     the batches come from the build's trainer's module (inject/trainers: `loader_batches`): ai2-olmo's
+            `olmo.data.build_train_dataloader` (MemMapDataset + IterableDataset);
             for a build made for OLMo-core (training.trainer: olmo-core), from OLMo-core 3.0.0's order as
             inject/order.py computes it, read from the token files, or with --olmo-core-python from OLMo-core's
             own NumpyFSLDataLoader in that environment (each rank's rows also compared with inject/order.py's
@@ -25,22 +26,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from . import trainers
 from .build import load_manifest
-from .config import TaskConfig, TrainingConfig, order_fields
+from .config import TaskConfig
 from .configtools import from_dict
 from .errors import InjectError
-from .injection import Encoder, task_space, training_order
+from .injection import Encoder, task_space
 from .ledger import read_ledger
-from .order import olmo_core_num_instances
 from .place import PLAN_FILE, POOLS_FILE
 from .stream import TokenStream
 from .tasks import make_task
@@ -216,107 +214,28 @@ def _member(sorted_values: np.ndarray, items) -> np.ndarray:
     return (sorted_values[where] == items) if len(sorted_values) else np.zeros(len(items), dtype=bool)
 
 
-def train_config_for(manifest: dict, save_folder: str, instance_filter: bool):
-    """A minimal ai2-olmo TrainConfig whose data loader is the one training would use on this build."""
-    from olmo.config import DataConfig, InstanceFilterConfig, ModelConfig, TokenizerConfig, TrainConfig
-
-    t = manifest["injection"]["training"]
-    tok = manifest["tokenizer"]
-    return TrainConfig(
-        seed=t["seed"], global_train_batch_size=t["global_batch_size"], device_train_batch_size=t["global_batch_size"],
-        save_folder=save_folder, save_overwrite=True, max_duration=str(t["steps"]),
-        model=ModelConfig(max_sequence_length=manifest["sequence_length"], vocab_size=tok["vocab_size"],
-                          eos_token_id=tok["eos_token_id"], pad_token_id=tok["pad_token_id"]),
-        tokenizer=TokenizerConfig(identifier=tok["olmo_identifier"]),
-        data=DataConfig(paths=[str(manifest["_dir"] / f["path"]) for f in manifest["outputs"]],
-                        memmap_dtype=manifest["dtype"], drop_last=t["drop_last"], num_workers=0,
-                        instance_filter=InstanceFilterConfig() if instance_filter else None),
-    )
-
-
-def order_settings(cfg, manifest: dict) -> list[tuple[str, object, object]]:
-    """(field, TrainConfig value, build value) of the settings that fix OLMo's data order (`order_fields`).
-    An ai2-olmo TrainConfig never reads the order of a build made for another trainer."""
-    training = manifest["injection"]["training"] if "injection" in manifest else None
-    if training is not None and training.get("trainer", "ai2-olmo") != "ai2-olmo":
-        return [("training.trainer", "ai2-olmo", training["trainer"])]
-    return [(ORDER_LABELS.get(name, name), _order_value(cfg, name), want)
-            for name, want in order_fields(manifest["sequence_length"], training).items()]
-
-
-ORDER_LABELS = {"data.seed": "data.seed (or seed)"}
-
-
-def _order_value(cfg, name: str):
-    """A TrainConfig's value of an order field, as OLMo uses it (unset data.seed: seed; unset epoch: 0; 0 batches
-    fast-forwarded: none)."""
-    if name == "data.seed":
-        return cfg.data.seed if cfg.data.seed is not None else cfg.seed
-    if name == "epoch":
-        return cfg.epoch or 0
-    if name == "fast_forward_batches":
-        return cfg.fast_forward_batches or None
-    value = cfg
-    for part in name.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def check_train_config(manifest: dict, path: Path, report: Report) -> None:
-    """Compare an OLMo TrainConfig YAML with the build, naming every field that differs."""
-    from olmo.config import TrainConfig
-
-    cfg = TrainConfig.load(path)
-    t, tok = manifest["injection"]["training"], manifest["tokenizer"]
-    pairs = order_settings(cfg, manifest) + [
-        ("tokenizer.identifier", Path(cfg.tokenizer.identifier).name, Path(tok["olmo_identifier"]).name),
-        ("model.eos_token_id", cfg.model.eos_token_id, tok["eos_token_id"]),
-        ("model.pad_token_id", cfg.model.pad_token_id, tok["pad_token_id"]),
-        ("data.memmap_dtype", cfg.data.memmap_dtype, manifest["dtype"]),
-    ]
-    for name, got, want in pairs:
-        if got != want:
-            report.fail("config", f"{path}: {name} is {got!r}, the build was made for {want!r}")
-    if (cfg.model.embedding_size or cfg.model.vocab_size) < tok["vocab_size"]:
-        report.fail("config", f"{path}: model.vocab_size/embedding_size {cfg.model.embedding_size or cfg.model.vocab_size} "
-                              f"is smaller than the tokenizer's vocabulary {tok['vocab_size']}")
-    if cfg.max_duration and str(cfg.max_duration).isdigit() and int(cfg.max_duration) > t["steps"]:
-        report.fail("config", f"{path}: max_duration {cfg.max_duration} steps exceeds the {t['steps']} steps the plan covers")
-    report.checked["train config"] = str(path)
-
-
-@dataclass(frozen=True)
-class OlmoCoreLoader:
-    """Read an OLMo-core build's batches with OLMo-core's own data loader, in the environment of `python`
-    (inject/olmo_core_loader.py runs there), as `ranks` data-parallel ranks read them."""
-
-    python: str
-    ranks: int = 1
+    """Compare a run config of the build's trainer with the build, naming every field that differs."""
+    trainers.of_manifest(manifest).check_train_config(manifest, path, report)
 
 
 def check_batches(view: BuildView, ledger: np.ndarray, report: Report, sample: int | None, seed: int,
-                  workers: int = 1, olmo_core: OlmoCoreLoader | None = None) -> None:
+                  workers: int = 1, own_loader=None) -> None:
+    """`own_loader`: the build's trainer's own data loader, where it is run on request (an OLMo-core build:
+    trainers.olmo_core.OlmoCoreLoader)."""
     t = view.manifest["injection"]["training"]
-    if olmo_core is not None and trainer_of(view.manifest) != "olmo-core":
-        raise InjectError(f"--olmo-core-python: {view.path} was built for {trainer_of(view.manifest)}'s order, not OLMo-core's")
-    if olmo_core is not None and (olmo_core.ranks < 1 or t["global_batch_size"] % olmo_core.ranks):
-        raise InjectError(f"--ranks: {olmo_core.ranks} ranks do not split a batch of {t['global_batch_size']} instances "
-                          f"(OLMo-core needs whole instances per rank)")
+    if own_loader is not None:
+        own_loader.check(view.path, view.manifest)
     steps = t["steps"]
     chosen = list(range(1, steps + 1)) if sample is None else sorted(
         np.random.default_rng(seed).choice(np.arange(1, steps + 1), size=min(sample, steps), replace=False).tolist())
     parts = [part.tolist() for part in np.array_split(np.array(chosen, dtype=np.int64), max(1, workers)) if len(part)]
     if len(parts) == 1:
-        report.absorb(_check_steps(view, ledger, parts[0], olmo_core))
+        report.absorb(_check_steps(view, ledger, parts[0], own_loader))
     else:  # contiguous ranges of steps, one per process, merged in step order: the same report as one process
-        for part in _in_processes(_check_steps_of_build, [(str(view.path), p, olmo_core) for p in parts]):
+        for part in _in_processes(_check_steps_of_build, [(str(view.path), p, own_loader) for p in parts]):
             report.absorb(part)
-    if olmo_core is not None:
-        source = f"OLMo-core's own NumpyFSLDataLoader, {olmo_core.ranks} rank(s), in {olmo_core.python}"
-    elif trainer_of(view.manifest) == "olmo-core":
-        source = "OLMo-core 3.0.0's order (inject/order.py) over the token files"
-    else:
-        source = "ai2-olmo build_train_dataloader"
+    source = trainers.of_manifest(view.manifest).loader_source(own_loader)
     report.checked["batches checked"] = f"{len(chosen)} of {steps} ({source})"
 
 
@@ -335,14 +254,14 @@ def _in_processes(function, jobs: list) -> list:
     return results
 
 
-def _check_steps_of_build(args: tuple[str, list[int], OlmoCoreLoader | None]) -> Report:
-    build_dir, steps, olmo_core = args
+def _check_steps_of_build(args: tuple) -> Report:
+    build_dir, steps, own_loader = args
     view = BuildView.load(Path(build_dir))
     view.manifest["_dir"] = Path(build_dir).resolve()
-    return _check_steps(view, read_ledger(build_dir), steps, olmo_core)
+    return _check_steps(view, read_ledger(build_dir), steps, own_loader)
 
 
-def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int], olmo_core: OlmoCoreLoader | None = None) -> Report:
+def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int], own_loader=None) -> Report:
     """Replay the target trainer's loader over the given steps (ascending); consecutive steps are read in one pass."""
     manifest, report = view.manifest, Report()
     t = manifest["injection"]["training"]
@@ -353,116 +272,11 @@ def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int], olmo_co
     planned = np.zeros((steps, len(view.group_names)), dtype=np.int64)
     for spec, group in enumerate(view.group_of_spec):
         planned[:, group] += view.counts[:, spec]
-    if olmo_core is not None:
-        batches = _olmo_core_loader_batches(manifest, chosen, olmo_core, report)
-    elif trainer_of(manifest) == "olmo-core":
-        batches = _olmo_core_batches(manifest, chosen)
-    else:
-        batches = _ai2_olmo_batches(manifest, chosen, use_filter)
+    batches = trainers.of_manifest(manifest).loader_batches(manifest, chosen, use_filter, report, own_loader)
     for step, batch in batches:
         _check_batch(view, ledger[rows_of_step[step - 1] : rows_of_step[step]], batch, step, planned[step - 1], report,
                      use_filter, longest)
     return report
-
-
-def trainer_of(manifest: dict) -> str:
-    """The trainer a build's order was made for (builds made before the choice existed: ai2-olmo)."""
-    return manifest["injection"]["training"].get("trainer", "ai2-olmo")
-
-
-def _ai2_olmo_batches(manifest: dict, chosen: list[int], use_filter: bool):
-    """(step, batch) of ai2-olmo's own training data loader over the build."""
-    from olmo.data import build_train_dataloader
-
-    B = manifest["injection"]["training"]["global_batch_size"]
-    with tempfile.TemporaryDirectory() as save_folder:
-        loader = build_train_dataloader(train_config_for(manifest, save_folder, use_filter), world_size=1, rank=0, fs_local_rank=0)
-        iterator, previous = None, None
-        for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
-            if previous is None or step != previous + 1:  # not the next batch: start the loader at this one
-                loader.dataset.start_index = (step - 1) * B
-                iterator = iter(loader)
-            batch = next(iterator)
-            previous = step
-            yield step, batch
-
-
-def _olmo_core_batches(manifest: dict, chosen: list[int]):
-    """(step, batch) as OLMo-core 3.0.0's NumpyFSLDataLoader reads the build (one rank): its order
-    (inject/order.py) over instances of sequence_length tokens, each file chunked on its own."""
-    t = from_dict(TrainingConfig, manifest["injection"]["training"], "manifest.injection.training")
-    L = manifest["sequence_length"]
-    group = t.instance_group(L)
-    files = [np.memmap(manifest["_dir"] / f["path"], dtype=manifest["dtype"], mode="r") for f in manifest["outputs"]]
-    per_file = [olmo_core_num_instances([len(f) // L], group) for f in files]
-    starts = np.concatenate([[0], np.cumsum(per_file)])
-    order = training_order(t, manifest["injection"]["num_instances"], L)
-    if starts[-1] != olmo_core_num_instances([manifest["injection"]["num_instances"]], group):
-        raise InjectError(f"{manifest['_dir']}: the token files hold {starts[-1]:,} OLMo-core instances, the manifest "
-                          f"says {manifest['injection']['num_instances']:,}")
-    B = t.global_batch_size
-    for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
-        index = order[(step - 1) * B : step * B].astype(np.int64)
-        where = np.searchsorted(starts, index, side="right") - 1
-        ids = np.stack([files[f][(i - starts[f]) * L : (i - starts[f] + 1) * L] for f, i in zip(where, index)])
-        yield step, {"input_ids": ids.astype(np.int64), "index": index}
-
-
-def _olmo_core_loader_batches(manifest: dict, chosen: list[int], olmo_core: OlmoCoreLoader, report: Report):
-    """(step, batch) as OLMo-core's own NumpyFSLDataLoader yields it to `olmo_core.ranks` ranks (their rows
-    concatenated), read from inject/olmo_core_loader.py run by `olmo_core.python`. Each rank's rows are also
-    compared with inject/order.py's order (an `order` failure names the rank)."""
-    import subprocess
-
-    t = from_dict(TrainingConfig, manifest["injection"]["training"], "manifest.injection.training")
-    L, B, W = manifest["sequence_length"], t.global_batch_size, olmo_core.ranks
-    order = training_order(t, manifest["injection"]["num_instances"], L)
-    tok = manifest["tokenizer"]
-    job = {"paths": [str(manifest["_dir"] / f["path"]) for f in manifest["outputs"]], "dtype": manifest["dtype"],
-           "sequence_length": L, "global_batch_size_tokens": t.global_batch_size_tokens, "seed": t.seed,
-           "max_target_sequence_length": t.max_target_sequence_length, "world_size": W, "steps": chosen,
-           "pad_token_id": tok["pad_token_id"], "eos_token_id": tok["eos_token_id"], "vocab_size": tok["vocab_size"]}
-    dtype = np.dtype(manifest["dtype"])
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}  # that environment's own
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "job.json").write_text(json.dumps(job))
-        with open(Path(tmp) / "stderr", "w+b") as errors:
-            try:
-                child = subprocess.Popen([olmo_core.python, str(Path(__file__).with_name("olmo_core_loader.py")),
-                                          str(Path(tmp) / "job.json")], stdout=subprocess.PIPE, stderr=errors, env=env)
-            except OSError as e:
-                raise InjectError(f"--olmo-core-python: cannot run {olmo_core.python}: {e.strerror}") from None
-            try:
-                for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
-                    header = _read_exact(child, 3 * 8, errors, olmo_core.python)
-                    got_step, count, ranks = np.frombuffer(header, np.int64).tolist()
-                    index = np.frombuffer(_read_exact(child, count * 8, errors, olmo_core.python), np.int64)
-                    ids = np.frombuffer(_read_exact(child, count * L * dtype.itemsize, errors, olmo_core.python), dtype)
-                    if (got_step, count, ranks) != (step, B, W):
-                        raise InjectError(f"--olmo-core-python: OLMo-core's loader answered step {got_step} with {count} "
-                                          f"instances over {ranks} ranks; expected step {step}, {B} instances, {W} ranks")
-                    planned = order[(step - 1) * B : step * B]
-                    for rank, rows in enumerate(index.reshape(W, -1)):
-                        if not np.array_equal(rows, planned[rank::W]):
-                            report.fail("order", f"step {step}: OLMo-core's loader gives rank {rank} of {W} instances "
-                                                 f"{rows[:8].tolist()}..., the build's order {planned[rank::W][:8].tolist()}...")
-                    yield step, {"input_ids": ids.reshape(count, L).astype(np.int64), "index": index}
-                if child.wait() != 0:
-                    _read_exact(child, 1, errors, olmo_core.python)  # raises, naming the exit code and stderr
-            finally:
-                if child.poll() is None:  # stopped early (an error here): the loader is not needed any more
-                    child.kill()
-                    child.wait()
-
-
-def _read_exact(child, size: int, errors, python: str) -> bytes:
-    data = child.stdout.read(size)
-    if len(data) != size:
-        child.wait()
-        errors.seek(0)
-        tail = errors.read().decode(errors="replace")[-2000:]
-        raise InjectError(f"--olmo-core-python: OLMo-core's data loader in {python} stopped (exit {child.returncode}):\n{tail}")
-    return data
 
 
 def _check_batch(view, rows, batch, step, planned, report, use_filter, longest) -> None:
@@ -678,9 +492,10 @@ def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
 
 
 def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | None = None, seed: int = 0,
-               workers: int = 1, olmo_core: OlmoCoreLoader | None = None) -> Report:
-    """Every check; `workers` processes share the batch replay and the held-out scan (same report). `olmo_core`:
-    an OLMo-core build's batches come from OLMo-core's own data loader in that environment."""
+               workers: int = 1, own_loader=None) -> Report:
+    """Every check; `workers` processes share the batch replay and the held-out scan (same report). `own_loader`:
+    the batches come from the build's trainer's own data loader run that way (an OLMo-core build:
+    trainers.olmo_core.OlmoCoreLoader, OLMo-core's loader in its environment)."""
     view = BuildView.load(build_dir)
     view.manifest["_dir"] = Path(build_dir).resolve()
     ledger = read_ledger(build_dir)
@@ -689,7 +504,7 @@ def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | 
     if train_config is not None:
         check_train_config(view.manifest, train_config, report)
     check_ledger_against_plan(view, ledger, report)
-    check_batches(view, ledger, report, sample, seed, workers, olmo_core)
+    check_batches(view, ledger, report, sample, seed, workers, own_loader)
     check_held_out(view, ledger, report, workers)
     check_held_out_twins(view, ledger, report)
     check_dolma(view, ledger, report)

@@ -26,7 +26,7 @@ from inject.build import load_manifest
 from inject.errors import ConfigError
 from inject.identity import bind_run
 from inject.lock import die_with_parent, folder_lock
-from inject.verify import order_settings
+from inject.trainers.ai2_olmo import order_settings
 
 RESOLVED = "config.yaml"
 LOCK = ".lock"

@@ -1,6 +1,6 @@
 """Run by the OLMo-core 3.0.0 virtual environment's python (tests/install-olmo-core.sh), never imported by the
 main suite: OLMo-core's own NumpyFSLDataset + NumpyFSLDataLoader over token files (made as verify makes them,
-inject/olmo_core_loader.py), reporting what they read.
+inject/trainers/olmo_core_env/child.py `loader`), reporting what they read.
 
     python olmo_core_side.py order JOB.json OUT.npz
         JOB: {paths, dtype, sequence_length, batch_instances, seeds, max_target_sequence_length, world_sizes}
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "inject"))
-from olmo_core_loader import loaders  # noqa: E402  (by path: the inject package needs the main environment)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "inject" / "trainers" / "olmo_core_env"))
+from child import loaders  # noqa: E402  (by path: the inject package needs the main environment)
 
 
 def rank_loaders(job: dict, seed: int, world_size: int, work_dir: str) -> tuple:
-    """(dataset, one loader per rank) as inject/olmo_core_loader.py makes them for verify."""
+    """(dataset, one loader per rank) as child.py `loader` makes them for verify."""
     spec = {"pad_token_id": 0, "eos_token_id": 0, "vocab_size": 65536, **job, "seed": seed, "world_size": world_size,
             "global_batch_size_tokens": job["batch_instances"] * job["sequence_length"]}
     ranks = loaders(spec, work_dir)

@@ -218,7 +218,7 @@ def test_verify_finds_a_held_out_instance_and_changed_dolma(tmp_path, corpus_dir
 
 
 def test_verify_with_a_train_config_names_the_mismatched_field(tmp_path, corpus_dir, capsys):
-    from inject.verify import train_config_for
+    from inject.trainers.ai2_olmo import train_config_for
 
     code, out_dir = build(tmp_path, corpus_dir, **COMBINATIONS["seqstart-even-both-encodings"])
     manifest = json.loads((out_dir / "manifest.json").read_text())

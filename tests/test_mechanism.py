@@ -166,7 +166,7 @@ def test_interference_runs_on_tiny_checkpoints_and_matches_direct_gradients(buil
     from eval.interference import cosine, norm
     from eval.sets import build_eval_set
     from inject.ledger import read_ledger
-    from inject.verify import train_config_for
+    from inject.trainers.ai2_olmo import train_config_for
 
     out = tmp_path / "interference"
     args = ("analyze", "interference", run, "--data", build, "--n-task", 6, "--n-dolma", 3, "--out", out)

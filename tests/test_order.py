@@ -13,7 +13,7 @@ import yaml
 
 from conftest import docs, make_texts, run_cli, write_shard
 from test_train import TINY, step_indices
-from inject.config import order_fields
+from inject.trainers.ai2_olmo import order_fields
 from inject.injection import olmo_order
 from inject.ledger import read_ledger
 

@@ -289,17 +289,17 @@ def test_verify_reads_an_olmo_core_build_with_olmo_cores_own_loader(olmo_core_bu
 
 
 def test_verify_names_a_batch_where_olmo_cores_loader_and_the_build_order_differ(olmo_core_builds, monkeypatch, capsys):
-    import inject.verify
+    import inject.trainers.olmo_core
     from conftest import run_cli
 
-    real = inject.verify.training_order
+    real = inject.trainers.olmo_core.training_order
 
     def swapped(*args):  # the build's order with batches 2 and 3 swapped
         order = real(*args).copy()
         order[B_BUILD : 2 * B_BUILD], order[2 * B_BUILD : 3 * B_BUILD] = order[2 * B_BUILD : 3 * B_BUILD].copy(), order[B_BUILD : 2 * B_BUILD].copy()
         return order
 
-    monkeypatch.setattr(inject.verify, "training_order", swapped)
+    monkeypatch.setattr(inject.trainers.olmo_core, "training_order", swapped)
     assert run_cli("verify", olmo_core_builds["neox-start"], "--olmo-core-python", olmo_core_python()) == 1
     out = capsys.readouterr().out
     assert "step 2: OLMo-core's loader gives rank 0 of 1 instances" in out, out

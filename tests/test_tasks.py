@@ -224,7 +224,8 @@ def test_examples_move_out_of_instances_whose_own_text_the_filter_masks(tmp_path
 
 
 def test_the_vectorized_filter_precheck_never_misses_what_olmo_masks():
-    from inject.place import instance_filter_masks, may_be_filtered
+    from inject.place import may_be_filtered
+    from inject.trainers.ai2_olmo import instance_filter_masks
 
     rng = np.random.default_rng(0)
     rows = rng.integers(0, 50, (1500, 256))

@@ -4,25 +4,32 @@
     olmo_core.py   OLMo-core 3.0.0 (OLMo 2/3's trainer; its own virtual environment, see `olmo_core.python()`)
 
 Build, verify, train, eval and slurm reach a trainer only through `get(name)` / `of_manifest(manifest)`, never
-by importing `olmo` or `olmo_core` themselves. Each trainer module provides (module-level functions; a module
-is the implementation, no classes to subclass):
+by importing `olmo` or `olmo_core` themselves. Each trainer module provides (module-level functions; a module is
+the implementation, no classes to subclass):
 
     NAME                                  the name used in configs and manifests (`training.trainer`)
     order(num_instances, training, L)     the global instance order of a fresh run's first epoch (numpy only:
                                           a build needs neither trainer's package; inject/order.py)
+    usable_instances(num_instances, training, L) / file_instances(per_file, training, L)
+                                          the instances the trainer's dataset finds in a build / in each token file
     order_fields(L, training)             the trainer's config fields (dotted) that decide which instances a
                                           step reads, with the values the build needs (olmo-data.yaml, verify,
                                           train refuse others)
-    loader_batches(manifest, build, steps, ...)
-                                          (step, instance indices, token rows) as the trainer's OWN data loader
-                                          yields them: verify's independent replay
-    resolve_train_config(config, build, run, overrides)
+    loader_batches(manifest, steps, use_filter, report, own_loader=None) / loader_source(own_loader=None)
+                                          (step, batch with `input_ids` and `index`) as the trainer's OWN data loader
+                                          yields them: verify's independent replay; and what verify reports it read
+    check_train_config(manifest, path, report)
+                                          verify --train-config: the run config's order fields against the build
+    resolve_train_config(config, build, run, overrides) / render(cfg)
                                           the trainer's run config checked against the build (ConfigError
-                                          naming the field) and completed with the build's paths
-    launch(...)                           start training (resumes a stopped run; trains nothing on a complete one)
-    completed_step(run)                   the last step a run folder holds a complete checkpoint of
-    find_checkpoints(path) / load_model(checkpoint, manifest, device)
-                                          eval's view of the trainer's checkpoints (never running pickled code)
+                                          naming the field) and completed with the build's paths; its YAML
+    train(cfg, build, run, nproc, nnodes, rendezvous)
+                                          train under the run folder's lock (resumes a stopped run; trains nothing on
+                                          a complete one)
+    completed_step(run, cfg)              the last step when the run folder holds the run's final checkpoint
+    load_model(folder, format, manifest, device)
+                                          eval's reading of the trainer's own checkpoint formats (never running
+                                          pickled code); eval/checkpoints.py finds the folders
 
 Which of these a module implements so far is stated in its docstring.
 """
