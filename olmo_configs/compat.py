@@ -6,11 +6,16 @@
   log-spaced checkpoints early in training (1, 2, 4, ...), where memorization happens.
 - Preemption: on SIGUSR2 (SLURM's `--signal=B:USR2@...`) the trainer saves a checkpoint after the
   current step and stops, so that the requeued job resumes from it.
+- Metrics: OLMo reduces and collects its metrics only on logging steps and prints them to the console;
+  every step is made a logging step and rank 0 appends one row per step to RUN/metrics.jsonl (the console
+  keeps the config's `console_log_interval`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import random
 import signal
 from typing import Any
@@ -24,9 +29,31 @@ from olmo.train import Trainer
 log = logging.getLogger(__name__)
 
 
+METRICS = {  # RUN/metrics.jsonl field: OLMo's metric
+    "loss": "train/CrossEntropyLoss",
+    "learning_rate": "optim/learning_rate_group0",
+    "grad_norm": "optim/total_grad_norm",
+    "tokens_seen": "throughput/total_tokens",
+    "device_tokens_per_second": "throughput/device/tokens_per_second",
+}
+
+
 class CompatTrainer(Trainer):
     extra_checkpoint_steps: frozenset = frozenset()
     stop_requested: bool = False
+    metrics_file = None  # rank 0: RUN/metrics.jsonl, opened for appending
+    console_every: int = 1  # the config's console_log_interval (console_log_interval itself is set to 1)
+    world_size: int = 1
+
+    def should_log_this_step(self) -> bool:
+        return True  # metrics (a loss reduced over ranks, speed, learning rate) on every step
+
+    def log_metrics_to_console(self, prefix: str, metrics: dict[str, float]) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(metrics_row(self.global_step, metrics, self.world_size)) + "\n")
+            self.metrics_file.flush()
+        if self.global_step % self.console_every == 0:
+            super().log_metrics_to_console(prefix, metrics)
 
     def trainer_state_dict(self) -> dict[str, Any]:
         if torch.cuda.is_available():
@@ -71,3 +98,16 @@ class CompatTrainer(Trainer):
             self.stop_requested = True
 
         signal.signal(signal.SIGUSR2, request_stop)
+
+
+def metrics_row(step: int, metrics: dict[str, float], world_size: int) -> dict:
+    """One RUN/metrics.jsonl row: the named metrics (null where OLMo has none yet: speed from step 2), the global
+    tokens per second (per device x ranks), and every metric OLMo reported under `olmo`."""
+    row: dict = {"step": step}
+    for name, key in METRICS.items():
+        value = metrics.get(key)
+        row[name] = None if value is None or not math.isfinite(float(value)) else float(value)
+    device = row["device_tokens_per_second"]
+    row["tokens_per_second"] = None if device is None else device * world_size
+    row["olmo"] = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+    return row

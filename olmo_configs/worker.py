@@ -7,6 +7,7 @@ scheduler, data loader and Trainer, wired the way OLMo's own training script doe
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -78,6 +79,7 @@ def main(config_path: str) -> None:
 
     indices = Path(cfg.save_folder) / f"data-indices/rank{get_global_rank()}.tsv"
     indices.parent.mkdir(parents=True, exist_ok=True)
+    console_every, cfg.console_log_interval = cfg.console_log_interval, 1  # see CompatTrainer.log_metrics_to_console
     with CompatTrainer(cfg=cfg, epoch=cfg.epoch, model=model, dist_model=dist_model, optim=optim, scheduler=scheduler,
                        train_loader=train_loader, device=device, evaluators=[],
                        indices_file=open(indices, "a")) as trainer:
@@ -85,6 +87,10 @@ def main(config_path: str) -> None:
         trainer.extra_checkpoint_steps = frozenset(checkpoint_steps(trainer.max_steps, int(interval)))
         trainer.install_preemption_handler()
         trainer.stop_requested = bool(early_stop)
+        trainer.console_every, trainer.world_size = max(int(console_every), 1), get_world_size()
+        if get_global_rank() == 0:
+            trainer.metrics_file = open(Path(cfg.save_folder) / METRICS_FILE, "a")
+        start_wandb(cfg, Path(cfg.save_folder), get_global_rank())
         if latest is not None:
             log.info("resuming from %s", latest)
             try:
@@ -94,6 +100,8 @@ def main(config_path: str) -> None:
                 log.error("%s", e)
                 sys.exit(2)
             trim_indices(trainer.indices_file, trainer.global_step)
+            if trainer.metrics_file is not None:
+                trim_metrics(trainer.metrics_file, trainer.global_step)
         else:
             trainer.save_checkpoint(trainer.checkpoint_type())  # step 0: the initialization, for eval baselines
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -103,8 +111,51 @@ def main(config_path: str) -> None:
         else:
             log.info("starting at step %d (restart count %d)", trainer.global_step, restarts)
             trainer.fit()
+    if trainer.metrics_file is not None:
+        trainer.metrics_file.close()
+    if wandb_run() is not None:
+        wandb_run().finish()
     dist.barrier()
     dist.destroy_process_group()
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def start_wandb(cfg, run_dir: Path, rank: int) -> None:
+    """Weights & Biases through ai2-olmo's own `wandb` config block (OLMo's training script does this; the
+    Trainer then logs every `wandb.log_interval` steps). One W&B run per run folder (its id is kept in
+    RUN/wandb-id, so a resumed or requeued job continues it); `WANDB_MODE=offline` writes it under RUN/wandb/
+    with no network."""
+    if cfg.wandb is None or (cfg.wandb.rank_zero_only and rank != 0):
+        return
+    import uuid
+
+    import wandb
+
+    id_file = run_dir / "wandb-id"
+    if not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex[:16])
+    wandb.init(dir=str(run_dir), project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
+               name=cfg.wandb.name or cfg.run_name, tags=cfg.wandb.tags, id=id_file.read_text().strip(),
+               resume="allow", config=cfg.asdict(exclude=["wandb"]))
+
+
+def wandb_run():
+    wandb = sys.modules.get("wandb")
+    return None if wandb is None else wandb.run
+
+
+def trim_metrics(handle, step: int) -> None:
+    """Drop the metrics of steps after the checkpoint a resumed run starts from (they are trained again)."""
+    handle.flush()
+    path = Path(handle.name)
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n") and json.loads(line)["step"] <= step]
+    handle.seek(0)
+    handle.truncate()
+    handle.write("".join(kept))
+    handle.flush()
 
 
 def trim_indices(handle, step: int) -> None:

@@ -56,9 +56,16 @@ def mean_loss(checkpoint: Path, build: Path, batches: int = 4) -> float:
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item()
 
 
-def test_tiny_model_trains_100_steps_on_the_demo_build(demo_build, tmp_path):
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_trains_100_steps_on_the_demo_build(demo_build, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    assert run_cli("train", TINY, "--data", demo_build, "--run", run) == 0
+    config = tmp_path / "tiny-wandb.yaml"  # ai2-olmo's own wandb block; offline: no network, files under RUN/wandb
+    config.write_text(TINY.read_text().replace("wandb: null", "wandb: {project: olmo-inject-test, entity: null}"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert run_cli("train", config, "--data", demo_build, "--run", run) == 0
     saved = sorted(int(p.name[4:].split("-")[0]) for p in run.glob("step*-unsharded"))
     assert saved == [0, 1, 2, 4, 8, 16, 25, 50, 75, 100]  # dense early, then every 25
     assert mean_loss(run / "step100-unsharded", demo_build) < mean_loss(run / "step0-unsharded", demo_build) - 1.0
@@ -68,6 +75,15 @@ def test_tiny_model_trains_100_steps_on_the_demo_build(demo_build, tmp_path):
     indices = step_indices(run)
     assert sorted(indices) == list(range(1, 101))
     assert all(indices[s] == order[(s - 1) * 32 : s * 32].tolist() for s in indices)
+    # metrics.jsonl: one row per step; the loss falls; 32 x 256 more tokens each step.
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 101))
+    assert all(r["loss"] > 0 and r["learning_rate"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert np.mean([r["loss"] for r in rows[-10:]]) < np.mean([r["loss"] for r in rows[:10]]) - 1.0
+    assert [r["tokens_seen"] for r in rows] == [s * 32 * 256 for s in range(1, 101)]
+    assert all(r["tokens_per_second"] > 0 for r in rows[1:])
+    [offline] = (run / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb"))
 
 
 def test_a_killed_run_resumes_with_the_same_batches_and_weights(demo_build, tmp_path):
@@ -84,6 +100,7 @@ def test_a_killed_run_resumes_with_the_same_batches_and_weights(demo_build, tmp_
     assert not (tmp_path / "killed" / "step20-unsharded").exists()
     assert run_cli(*args, "--run", tmp_path / "killed") == 0
     assert step_indices(tmp_path / "killed") == step_indices(tmp_path / "full")
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == list(range(1, 21))  # each step once
     full = torch.load(tmp_path / "full" / "step20-unsharded" / "model.pt", weights_only=True)
     resumed = torch.load(tmp_path / "killed" / "step20-unsharded" / "model.pt", weights_only=True)
     assert full.keys() == resumed.keys()
