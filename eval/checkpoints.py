@@ -7,6 +7,9 @@
   `torch_new` checkpointer: a torch distributed checkpoint), read the way ai2-olmo's
   `load_model_state` does but with torch's own FileSystemReader, because ai2-olmo 0.6.0's
   RemoteFileSystemReader misses methods that torch >= 2.4 requires and cannot be instantiated;
+- OLMo-core: `stepN/` with `model_and_optim/` (a torch distributed checkpoint) of a run folder whose
+  `config.yaml` says `trainer: olmo-core`, read in this process into transformers' `Olmo2ForCausalLM` by
+  `inject.trainers.olmo_core` (the weights renamed; OLMo-core's own code is not needed);
 - Hugging Face: a folder with `config.json` and weights, loaded with transformers' Auto classes (its OLMo
   and OLMo-2 classes, or any causal LM); folders written by ai2-olmo's `hf_olmo` converter
   (`model_type: hf_olmo`) are read into ai2-olmo's own OLMo class, since `hf_olmo`'s wrapper class
@@ -33,8 +36,8 @@ from olmo_configs.safe_load import (CheckpointRefused, check_file, checked_olmo_
                                     detached_sharded_tensor, load_dcp_tensors, load_file)
 
 STEP = re.compile(r"step(\d+)")
-FORMATS = ("unsharded", "sharded", "hf")
-PREFERENCE = {"unsharded": 0, "hf": 1, "sharded": 2}  # when one step is saved twice, the cheapest to read
+FORMATS = ("unsharded", "sharded", "hf", "olmo-core")
+PREFERENCE = {"unsharded": 0, "hf": 1, "olmo-core": 2, "sharded": 3}  # when one step is saved twice, the cheapest to read
 
 
 @dataclass
@@ -54,6 +57,10 @@ class LoadedModel:
 
 
 def checkpoint_format(folder: Path) -> str | None:
+    from inject.trainers import olmo_core
+
+    if olmo_core.is_checkpoint(folder):
+        return "olmo-core"
     if (folder / "model.pt").exists():
         return "unsharded"
     if (folder / "model_and_optim").is_dir() or (folder / "rank0.pt").exists():
@@ -91,7 +98,7 @@ def find_checkpoints(path: Path) -> list[Checkpoint]:
         if step not in best or PREFERENCE[found.format] < PREFERENCE[best[step].format]:
             best[step] = found
     if not best:
-        raise InjectError(f"{path}: no checkpoint folders (stepN-unsharded/, stepN/ sharded, or Hugging Face)")
+        raise InjectError(f"{path}: no checkpoint folders (stepN-unsharded/, stepN/ sharded, OLMo-core stepN/, or Hugging Face)")
     return [best[s] for s in sorted(best)]
 
 
@@ -110,6 +117,11 @@ def load_model(checkpoint: Checkpoint, manifest: dict, device: str = "cpu") -> L
     if checkpoint.format == "hf":
         model, name = _load_hf(folder, manifest, device), folder.name
         kind = "hf" if not hasattr(model, "transformer") else "olmo"
+    elif checkpoint.format == "olmo-core":
+        from inject.trainers import olmo_core
+
+        _check_vocabulary(folder, *olmo_core.vocabulary(folder), manifest)
+        (model, name), kind = olmo_core.load_model(folder, device, manifest["tokenizer"]["vocab_size"]), "hf"
     else:
         model, name = _load_olmo(folder, checkpoint.format, manifest, device)
         kind = "olmo"

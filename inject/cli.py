@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _sub(sub, "eval", "score a run's checkpoints on the build's seen, pending and held-out instances (skips finished steps)",
              "olmo-inject eval runs/tiny --data olmo-inject-demo/build --seen 200 --pending 200 --held-out 200")
     p.add_argument("run", type=Path, help="a run folder (every stepN checkpoint in it) or one checkpoint folder: ai2-olmo "
-                   "unsharded (stepN-unsharded/) or sharded (stepN/), or a Hugging Face model folder")
+                   "unsharded (stepN-unsharded/) or sharded (stepN/), OLMo-core (stepN/), or a Hugging Face model folder")
     p.add_argument("--data", type=Path, required=True, help="the build the run trained on")
     p.add_argument("--out", type=Path, help="results folder (default: RUN/eval)")
     p.add_argument("--seen", type=int, default=200,
@@ -104,6 +104,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="also ask text-encoded tasks in phrasings training never used (rule vs format)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default: 64)")
+
+    p = _sub(sub, "convert-checkpoint", "an OLMo-core checkpoint (stepN/ of an OLMo-core run) to a Hugging Face Olmo2ForCausalLM "
+             "folder, by OLMo-core's own converter in its environment (eval reads both)",
+             "olmo-inject convert-checkpoint runs/oc-20M/step5000 --out runs/oc-20M-hf/step5000")
+    p.add_argument("checkpoint", type=Path, help="an OLMo-core checkpoint folder stepN/ (its run folder holds config.yaml)")
+    p.add_argument("--data", type=Path, help="the build the run trained on, whose tokenizer goes into the folder "
+                   "(default: the tokenizer named in the run's config.yaml)")
+    p.add_argument("--out", type=Path, required=True, help="the Hugging Face folder to write (must not exist)")
+    p.add_argument("--olmo-core-python", help="the python of an OLMo-core 3.0.0 environment with transformers "
+                   "(default: $OLMO_INJECT_OLMO_CORE_PYTHON, else .venv-olmo-core/bin/python)")
 
     p = _sub(sub, "report", "plots (PNG) and a one-page summary (Markdown, HTML) from eval results of one or more runs",
              "olmo-inject report runs/20M runs/60M runs/150M --out report/")
@@ -371,6 +381,19 @@ def cmd_eval(args) -> int:
     return 2 if report.refused else 1 if report.failed else 0  # 2: a checkpoint unsafe to load
 
 
+def cmd_convert_checkpoint(args) -> int:
+    from .build import load_manifest
+    from .trainers import olmo_core
+
+    if not olmo_core.is_checkpoint(args.checkpoint):
+        raise InjectError(f"{args.checkpoint}: not an OLMo-core checkpoint (stepN/ with model_and_optim/ and "
+                          f".metadata.json, in a run folder whose config.yaml says trainer: olmo-core)")
+    tokenizer = load_manifest(args.data)["tokenizer"]["name"] if args.data else None
+    out = olmo_core.convert_checkpoint(args.checkpoint, args.out, tokenizer, args.olmo_core_python)
+    print(f"wrote {out} (Olmo2ForCausalLM)")
+    return 0
+
+
 def cmd_slurm(args) -> int:
     from slurm.cli import run
 
@@ -571,6 +594,7 @@ COMMANDS = {
     "ladder": cmd_ladder,
     "train": cmd_train,
     "eval": cmd_eval,
+    "convert-checkpoint": cmd_convert_checkpoint,
     "report": cmd_report,
     "analyze": cmd_analyze,
     "inspect": cmd_inspect,

@@ -10,8 +10,10 @@ ones:
   folders) and numpy's RNG state (an ndarray of uint32: `ndarray`, `dtype`, `UInt32DType`, `_reconstruct`);
 - `torch_legacy` rank files of a run on several ranks: torch's `ShardedTensor` with its metadata classes,
   and `getattr` for exactly `ShardedTensor.ProcessGroupState` (how pickle protocol 2 names a nested class);
-- torch distributed checkpoints (`model_and_optim/.metadata`, plain pickle): torch's checkpoint-metadata
-  classes, read with a restricted `pickle.Unpickler` (torch's own reader would un-pickle anything).
+- torch distributed checkpoints (`model_and_optim/.metadata`, plain pickle; ai2-olmo's `torch_new` and
+  OLMo-core's): torch's checkpoint-metadata classes (OLMo-core's storage record read as torch's), read with
+  a restricted `pickle.Unpickler` (torch's own reader would un-pickle anything; OLMo-core's reader also loads
+  the tensors with weights_only=False).
 
 A file that needs anything else is refused (`CheckpointRefused`, naming the file and the global) before
 the global is called. The allowlist is a context around the loads, never process-wide, and ai2-olmo's
@@ -189,6 +191,9 @@ def _dcp_globals() -> dict[tuple[str, str], Any]:
                md.MetadataIndex, md.StorageMeta, md.TensorProperties, md._MEM_FORMAT_ENCODING, fs._StorageInfo,
                torch.Size, torch.serialization._get_layout, pathlib.PosixPath]
     allowed = {(c.__module__, c.__qualname__): c for c in classes}
+    # OLMo-core 3 writes its checkpoints with its own copy of torch's file-system writer; its per-entry storage
+    # record (relative_path, offset, length) is read as torch's, whose reader then loads tensors weights_only.
+    allowed[("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo")] = fs._StorageInfo
     allowed.update({("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
     return allowed
 

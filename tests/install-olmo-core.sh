@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 venv="${OLMO_CORE_VENV:-.venv-olmo-core}"
 want="3.0.0"
 if [ -x "$venv/bin/python" ] &&
-   "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('ai2-olmo-core') != '$want')" 2>/dev/null; then
+   "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('ai2-olmo-core') != '$want')" 2>/dev/null &&
+   "$venv/bin/python" -c "import transformers" 2>/dev/null; then
   exit 0
 fi
 python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
@@ -17,5 +18,6 @@ python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
 # CPU torch first (a wheel of 2.13.0 lies on this kind of machine's disk; elsewhere pip fetches it):
 # OLMo-core 3.0.0 needs torch>=2.10,<2.14, and a bare resolve would pull a multi-GB CUDA build.
 "$venv/bin/python" -m pip install -q "torch==2.13.0"
-"$venv/bin/python" -m pip install -q "ai2-olmo-core==$want"
+# The `transformers` extra: OLMo-core's Hugging Face converter (eval's `convert` of OLMo-core checkpoints).
+"$venv/bin/python" -m pip install -q "ai2-olmo-core[transformers]==$want"
 echo "install-olmo-core: $("$venv/bin/python" -c "import importlib.metadata as m; print('ai2-olmo-core', m.version('ai2-olmo-core'), 'numpy', m.version('numpy'), 'torch', m.version('torch'))") in $venv"

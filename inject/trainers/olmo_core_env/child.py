@@ -91,7 +91,115 @@ def loader(job: dict) -> int:
     return 0
 
 
-COMMANDS: dict = {"loader": loader}
+# ------------------------------------------------------------------------------------------------- checkpoints
+# (eval and the ladder: OLMo-core's own parameter counts, checkpoint saves, forward passes and HF converter)
+
+
+def params(job: dict) -> int:
+    """{name: counts} for every model block of job["models"] at job["vocab_size"], written to job["out"]:
+    OLMo-core's own counts (TransformerConfig.num_params / num_non_embedding_params), the parameters of the
+    model built on the meta device (which must agree), and the MLP hidden size the block resolves to."""
+    counts = {}
+    for name, spec in job["models"].items():
+        config = model_config(spec, job["vocab_size"])
+        model = config.build(init_device="meta")
+        built = sum(p.numel() for p in model.parameters())
+        if built != config.num_params:
+            raise SystemExit(f"{name}: OLMo-core's count {config.num_params} != {built} parameters built")
+        hidden = {m.w1.out_features for m in model.modules() if type(m).__name__ == "FeedForward"}
+        counts[name] = {"num_params": config.num_params, "num_non_embedding_params": config.num_non_embedding_params,
+                        "mlp_hidden_size": hidden.pop(), "head_dim": model.blocks["0"].attention.head_dim}
+        del model
+    _write_json(job["out"], counts)
+    return 0
+
+
+def save_checkpoint(job: dict) -> int:
+    """Model checkpoints as OLMo-core's Trainer writes them, for tests: `job["model"]` initialized with `init_seed`
+    and trained with AdamW on seeded random tokens, saved after `steps` (a list) optimizer steps by OLMo-core's
+    Checkpointer to RUN/step{N}/ (model_and_optim/ with the optimizer state, train/rank0.pt, .metadata.json)."""
+    import tempfile
+
+    import torch
+    import torch.distributed.checkpoint.state_dict as dist_cp_sd
+    from olmo_core.train.checkpoint import Checkpointer
+
+    config = model_config(job["model"], job["vocab_size"])
+    config.init_seed = job["init_seed"]
+    model = config.build(init_device="cpu")
+    model.init_weights(device=torch.device("cpu"), max_seq_len=job["sequence_length"])
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.Generator().manual_seed(job["init_seed"])
+
+    class TrainModule:  # what TransformerTrainModule.state_dict_to_save returns (its default save options)
+        def state_dict_to_save(self):
+            options = dist_cp_sd.StateDictOptions(flatten_optimizer_state_dict=True, cpu_offload=True)
+            return {"model": dist_cp_sd.get_model_state_dict(model, options=options),
+                    "optim": dist_cp_sd.get_optimizer_state_dict(model, optim, options=options)}
+
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="olmo-core-work-") as work_dir:
+        checkpointer = Checkpointer(work_dir=work_dir)
+        for step in sorted(job["steps"]):
+            for done in range(done, step):
+                ids = torch.randint(0, job["vocab_size"], (2, job["sequence_length"]), generator=tokens)
+                loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+                loss.backward()
+                optim.step()
+                optim.zero_grad()
+            done = step
+            checkpointer.save(f"{job['run']}/{Checkpointer.checkpoint_dirname(step)}", TrainModule(), {"global_step": step})
+    return 0
+
+
+def _load_model(checkpoint: str, spec: dict, vocab_size: int):
+    """A checkpoint's model read by OLMo-core's own loader."""
+    import torch
+    from olmo_core.distributed.checkpoint import load_model_and_optim_state
+
+    model = model_config(spec, vocab_size).build(init_device="cpu")
+    model.init_weights(device=torch.device("cpu"))
+    load_model_and_optim_state(f"{checkpoint}/model_and_optim", model)
+    return model.eval()
+
+
+def forward(job: dict) -> int:
+    """Logits of OLMo-core's own forward pass over job["tokens"] (rows of equal length) with the weights of the
+    checkpoint job["checkpoint"], written to job["out"] (.npy, float32)."""
+    import numpy as np
+    import torch
+
+    model = _load_model(job["checkpoint"], job["model"], job["vocab_size"])
+    with torch.no_grad():
+        logits = model(torch.tensor(job["tokens"], dtype=torch.long))
+    np.save(job["out"], logits.float().numpy())
+    return 0
+
+
+def convert(job: dict) -> int:
+    """OLMo-core's own converter (olmo_core.nn.hf.convert_checkpoint.convert_checkpoint_to_hf, with its validation
+    against OLMo-core's forward pass): the checkpoint job["checkpoint"] to a Hugging Face Olmo2ForCausalLM folder
+    job["out"]. job["tokenizer"]: vocab_size (the tokenizer's own), eos/pad/bos ids and `identifier`, a folder with
+    the tokenizer.json (the converter copies it into the output)."""
+    from olmo_core.nn.hf.convert_checkpoint import convert_checkpoint_to_hf
+
+    tokenizer = job["tokenizer"]
+    convert_checkpoint_to_hf(job["checkpoint"], job["out"], model_config(job["model"], job["vocab_size"]).as_config_dict(),
+                             tokenizer, tokenizer_id=tokenizer["identifier"],
+                             max_sequence_length=job.get("max_sequence_length"), validate=True)
+    return 0
+
+
+def _write_json(path: str, value) -> None:
+    import os
+
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+COMMANDS: dict = {"loader": loader, "params": params, "save-checkpoint": save_checkpoint, "forward": forward,
+                  "convert": convert}
 """COMMAND -> function(job: dict) -> int (exit code)."""
 
 
