@@ -156,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole manifest")
 
     p = _sub(sub, "ladder", "the OLMo size ladder: per-size parameters, batch, steps, tokens, FLOPs and GPU-hours",
-             "olmo-inject ladder dry-run --preset reference --gpus 64\n  olmo-inject ladder dry-run --preset datadecide --size 4M --size 1B")
+             "olmo-inject ladder dry-run --preset reference --gpus 64\n  olmo-inject ladder dry-run --preset datadecide --size 4M --size 1B\n"
+             "  olmo-inject ladder dry-run --trainer olmo-core --preset reference")
     p.add_argument("action", choices=["dry-run"], help="dry-run: print the arithmetic, run nothing")
     p.add_argument("--preset", default="reference", help="reference (4M-4B, fixed batch and steps) or datadecide (default: reference)")
     p.add_argument("--size", action="append", help="only these sizes (repeatable)")
@@ -164,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for GPU-hours (default: 0.4)")
     p.add_argument("--gpu-tflops", type=float, default=989.0, help="peak bf16 TFLOP/s per GPU (default: 989, H100 SXM)")
     p.add_argument("--tokens", type=float, help="token budget per size instead of the preset's")
+    p.add_argument("--trainer", default="ai2-olmo", choices=["ai2-olmo", "olmo-core"],
+                   help="whose configs: ai2-olmo's (olmo_configs/<preset>/) or OLMo-core's (olmo_configs/olmo_core/<preset>/; "
+                   "parameters measured with OLMo-core) (default: ai2-olmo)")
 
     p = _sub(sub, "train", "train an OLMo model on a build with ai2-olmo's Trainer (resumes from the run folder)",
              "olmo-inject train olmo_configs/tiny.yaml --data olmo-inject-demo/build --run runs/tiny\n"
@@ -340,7 +344,7 @@ def cmd_ladder(args) -> int:
     from olmo_configs.dryrun import dry_run
 
     try:
-        print(dry_run(args.preset, args.size, args.gpus, args.mfu, args.gpu_tflops, args.tokens))
+        print(dry_run(args.preset, args.size, args.gpus, args.mfu, args.gpu_tflops, args.tokens, args.trainer))
     except KeyError as e:
         raise InjectError(e.args[0]) from None
 

@@ -117,6 +117,19 @@ def model_fields(size: Size, sequence_length: int = SEQUENCE_LENGTH) -> dict:
     )
 
 
+def olmo_core_model(size: Size) -> dict:
+    """The OLMo-core model block of a size (OLMo-2 architecture: inject/trainers/olmo_core_env/child.py's
+    model_config) with ai2-olmo's shape: the same d_model, n_layers and n_heads, and the same SwiGLU width,
+    4 * d_model (ai2-olmo's mlp_ratio 8 covers both halves). OLMo-core's llama_like makes the width
+    int(1.5 * int(8 * d_model / 3)) rounded up to a multiple of `hidden_size_multiple_of`: that is 4 * d_model
+    when the multiple is the largest power of two (at most 256) dividing 4 * d_model (the generator checks the
+    width OLMo-core builds). What differs from ai2-olmo: OLMo-2's norms after attention and MLP, QK norm (2 *
+    d_model more parameters per layer) and RoPE theta 500,000."""
+    width = 4 * size.d_model
+    return {"d_model": size.d_model, "n_layers": size.n_layers, "n_heads": size.n_heads, "hidden_size_multiplier": 1.5,
+            "hidden_size_multiple_of": min(256, width & -width)}
+
+
 def measure_params(size: Size) -> tuple[int, int]:
     """(total, without the input embedding), counted on a model built on the meta device."""
     import torch
