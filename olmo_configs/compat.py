@@ -102,12 +102,17 @@ class CompatTrainer(Trainer):
 
 def metrics_row(step: int, metrics: dict[str, float], world_size: int) -> dict:
     """One RUN/metrics.jsonl row: the named metrics (null where OLMo has none yet: speed from step 2), the global
-    tokens per second (per device x ranks), and every metric OLMo reported under `olmo`."""
+    tokens per second (per device x ranks), and OLMo's other metrics under `olmo` (not its per-parameter ones)."""
     row: dict = {"step": step}
     for name, key in METRICS.items():
         value = metrics.get(key)
         row[name] = None if value is None or not math.isfinite(float(value)) else float(value)
     device = row["device_tokens_per_second"]
     row["tokens_per_second"] = None if device is None else device * world_size
-    row["olmo"] = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+    row["olmo"] = {k: float(v) for k, v in metrics.items()
+                   if math.isfinite(float(v)) and not k.startswith(PER_PARAMETER)}
     return row
+
+
+PER_PARAMETER = ("optim/grad/", "optim/param/")
+"""OLMo's per-parameter statistics (on W&B logging steps): W&B's, not a row's."""

@@ -63,7 +63,7 @@ def metrics(run: Path) -> list[dict]:
 def test_tiny_model_trains_100_steps_on_the_demo_build(demo_build, tmp_path, monkeypatch):
     run = tmp_path / "run"
     config = tmp_path / "tiny-wandb.yaml"  # ai2-olmo's own wandb block; offline: no network, files under RUN/wandb
-    config.write_text(TINY.read_text().replace("wandb: null", "wandb: {project: olmo-inject-test, entity: null}"))
+    config.write_text(TINY.read_text().replace("wandb: null", "wandb: {project: olmo-inject-test, entity: null, log_interval: 25}"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert run_cli("train", config, "--data", demo_build, "--run", run) == 0
     saved = sorted(int(p.name[4:].split("-")[0]) for p in run.glob("step*-unsharded"))
