@@ -228,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _analysis_arguments(p, name: str) -> None:
     p.add_argument("run", type=Path, help="a run folder (every stepN checkpoint in it) or one checkpoint folder: ai2-olmo "
-                   "unsharded or sharded, or a Hugging Face model folder")
+                   "unsharded or sharded, OLMo-core (stepN/), or a Hugging Face model folder")
     p.add_argument("--data", type=Path, required=True, help="the build the run trained on")
     p.add_argument("--out", type=Path, help=f"results folder (default: RUN/{name})")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing instances, batches and probes (default: 0)")

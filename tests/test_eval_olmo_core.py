@@ -156,3 +156,17 @@ def test_half_written_and_foreign_checkpoints_are_named(build, run, tmp_path, ca
     (half / "step3" / ".metadata.json").write_text("{}")
     assert run_cli("eval", half / "step3", "--data", build, "--seen", 5, "--pending", 0, "--held-out", 5) == 1
     assert "the checkpoint has 2 blocks, model.n_layers is 3" in capsys.readouterr().err
+
+
+def test_the_analyses_read_an_olmo_core_checkpoint(build, run, tmp_path):
+    """Probes (hidden states per layer) and gradient interference (per-parameter gradients, the first MLP's
+    neurons) run on the in-process OLMo-core model like on any transformers model."""
+    assert run_cli("analyze", "probe", run / "step3", "--data", build, "--out", tmp_path / "probe",
+                   "--seen", 30, "--held-out", 20) == 0
+    probes = (tmp_path / "probe" / "probe.csv").read_text().splitlines()
+    assert len(probes) > 1 and all(line.startswith("run,run,") for line in probes[1:])
+    assert {line.split(",")[12] for line in probes[1:]} == {"0", "1", "2"}  # embeddings and both blocks
+    assert run_cli("analyze", "interference", run / "step3", "--data", build, "--out", tmp_path / "interference",
+                   "--n-task", 8, "--n-dolma", 4, "--batch-instances", 4, "--top-neurons", 4) == 0
+    layers = (tmp_path / "interference").glob("*.csv")
+    assert any("block0.mlp.top4" in path.read_text() for path in layers)
