@@ -169,18 +169,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="whose configs: ai2-olmo's (olmo_configs/<preset>/) or OLMo-core's (olmo_configs/olmo_core/<preset>/; "
                    "parameters measured with OLMo-core) (default: ai2-olmo)")
 
-    p = _sub(sub, "train", "train an OLMo model on a build with ai2-olmo's Trainer (resumes from the run folder)",
+    p = _sub(sub, "train", "train an OLMo model on a build with its trainer's own Trainer, ai2-olmo's or OLMo-core's "
+             "(resumes from the run folder)",
              "olmo-inject train olmo_configs/tiny.yaml --data olmo-inject-demo/build --run runs/tiny\n"
-             "  olmo-inject train olmo_configs/reference/1B.yaml --data build/ --run runs/1B --nproc 8 --max_duration=1000")
-    p.add_argument("config", type=Path, help="an OLMo TrainConfig YAML (olmo_configs/...)")
+             "  olmo-inject train olmo_configs/reference/1B.yaml --data build/ --run runs/1B --nproc 8 --max_duration=1000\n"
+             "  olmo-inject train olmo_configs/olmo_core/tiny.yaml --data olmo-core-build/ --run runs/oc-tiny --train.max_steps=20")
+    p.add_argument("config", type=Path, help="an ai2-olmo TrainConfig YAML (olmo_configs/...) or an OLMo-core run config "
+                   "(`trainer: olmo-core`, olmo_configs/olmo_core/...)")
     p.add_argument("--data", type=Path, required=True, help="an olmo-inject build folder")
     p.add_argument("--run", type=Path, required=True, help="run folder: checkpoints, logs, data indices; rerun to resume")
     p.add_argument("--nproc", type=int, help="processes (GPUs) on this node; default: all GPUs, or 1 on CPU")
     p.add_argument("--nnodes", type=int, default=1, help="nodes, one `olmo-inject train` each (SLURM: under srun; default: 1)")
     p.add_argument("--rendezvous", help="HOST:PORT where the nodes meet (the first node; with --nnodes > 1)")
     p.add_argument("--dry-run", action="store_true", help="check and resolve the config, print it, start nothing")
+    p.add_argument("--olmo-core-python", help="the python of the OLMo-core environment, for an OLMo-core run config "
+                   "(default: $OLMO_INJECT_OLMO_CORE_PYTHON, else .venv-olmo-core/bin/python)")
     p.set_defaults(overrides=[])
-    p.epilog += "\n\nAny other --key=value is an OLMo TrainConfig override (e.g. --max_duration=200 --optimizer.learning_rate=1e-3)."
+    p.epilog += ("\n\nAny other --key=value overrides a config field: an ai2-olmo TrainConfig's (e.g. --max_duration=200 "
+                 "--optimizer.learning_rate=1e-3) or an OLMo-core run config's (e.g. --train.max_steps=200 --optim.lr=1e-3).")
 
     from slurm.cli import EXAMPLE as SLURM_EXAMPLE, add_arguments as slurm_arguments
 
@@ -350,6 +356,10 @@ def cmd_ladder(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .trainers import olmo_core
+
+    if olmo_core.config_trainer(args.config) == olmo_core.NAME:  # else an ai2-olmo TrainConfig (no `trainer` key)
+        return _train_olmo_core(args)
     from olmo_configs.train import render, resolve_config, train
 
     cfg = resolve_config(args.config, args.data, args.run, args.overrides)
@@ -359,6 +369,19 @@ def cmd_train(args) -> int:
     code = train(cfg, args.data, args.run, args.nproc, args.nnodes, args.rendezvous)
     if code:
         raise InjectError(f"training exited with code {code}; rerun the same command to resume from the latest checkpoint")
+
+
+def _train_olmo_core(args) -> int:
+    from .trainers import olmo_core
+
+    cfg = olmo_core.resolve_train_config(args.config, args.data, args.run, args.overrides)
+    if args.dry_run:
+        print(olmo_core.render(cfg))
+        return 0
+    code = olmo_core.launch(cfg, args.run, args.nproc, args.nnodes, args.rendezvous, args.olmo_core_python)
+    if code:
+        raise InjectError(f"training exited with code {code}; rerun the same command to resume from the latest checkpoint")
+    return 0
 
 
 def cmd_verify(args) -> int:

@@ -20,7 +20,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +208,406 @@ def _read_exact(child, size: int, errors, python: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------- training
-# (train: config checks against the build, launch through torchrun of the OLMo-core environment, resume)
+# `olmo-inject train CONFIG --data BUILD --run RUN` for an OLMo-core build: the run config (RunConfig, a YAML file
+# such as olmo_configs/olmo_core/tiny.yaml) is checked against the build and completed with it, written to
+# RUN/config.yaml, and run by child.py `train` (OLMo-core's own Trainer) under `python -m torch.distributed.run` of
+# the OLMo-core environment. Same guarantees as ai2-olmo's launcher (olmo_configs/train.py): RUN/.lock, RUN/build.json,
+# a rerun resumes from the latest checkpoint with the same batches, a complete run trains nothing, SIGUSR2 and
+# SIGTERM save after the current step and stop.
+
+RESOLVED = "config.yaml"
+"""The resolved run config inside the run folder (eval reads `model` and `tokenizer` from it)."""
+
+LOCK = ".lock"
+
+
+@dataclass
+class ModelBlock:
+    """The model: OLMo-2 architecture (child.model_config: OLMo-core's `olmo2_*` presets made explicit)."""
+
+    d_model: int
+    """Hidden size."""
+    n_layers: int
+    """Transformer blocks."""
+    n_heads: int
+    """Attention heads."""
+    head_dim: int | None = None
+    """Size of one head; absent: d_model // n_heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); absent: n_heads."""
+    hidden_size_multiplier: float | None = None
+    """MLP hidden size multiplier (OLMo-core's llama_like); absent: OLMo-core's default."""
+    hidden_size_multiple_of: int | None = None
+    """MLP hidden size rounded up to a multiple of this; absent: OLMo-core's default."""
+    vocab_size: int | None = None
+    """Embedding rows. Absent: the build tokenizer's vocabulary rounded up to a multiple of 128 (filled in by the
+    launcher); a value given must be at least the tokenizer's vocabulary."""
+
+
+@dataclass
+class OptimBlock:
+    """AdamW with a learning-rate schedule (OLMo-core's AdamWConfig and schedulers)."""
+
+    lr: float
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas (two numbers)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many steps."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
+    scheduler: str = "cosine"
+    """After warmup: `cosine` or `linear` decay to final_lr_fraction * lr at train.max_steps, or `constant`."""
+    final_lr_fraction: float = 0.1
+    """The learning rate at the end of a cosine or linear schedule, as a fraction of lr."""
+
+    def validate(self) -> None:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: two numbers in [0, 1), got {self.betas}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"optim.scheduler: {self.scheduler!r} is not one of {list(SCHEDULERS)}")
+        for name in ("lr", "eps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"optim.{name}: must be positive, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+
+
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainBlock:
+    """How long and how to train."""
+
+    max_steps: int
+    """Training steps; at most the build's planned steps."""
+    save_interval: int
+    """Save a checkpoint every this many steps (and at step 0, at the end, and where the run is stopped)."""
+    rank_microbatch_tokens: int
+    """Tokens one rank runs forward/backward at once (a multiple of data.sequence_length); the rank's share of the
+    global batch is accumulated over micro-batches of this size."""
+    checkpoint_steps: list[int] | None = None
+    """More steps to save a checkpoint at. Absent: the powers of two below save_interval (1, 2, 4, ...), where
+    memorization happens (the ladder's dense early checkpoints)."""
+    init_seed: int = 0
+    """Seed of the model's initialization."""
+    dtype: str = "float32"
+    """`float32`, or `bfloat16` (mixed precision: FSDP keeps bf16 parameters, DDP autocasts; reductions in fp32)."""
+    data_parallel: str = "ddp"
+    """`ddp` (replicated parameters) or `fsdp` (sharded: the large sizes)."""
+    log_interval: int = 10
+    """Log metrics every this many steps."""
+    save_folder: str | None = None
+    """Filled in by the launcher: the run folder (checkpoints RUN/stepN/, data indices RUN/data-indices/)."""
+
+    def validate(self, sequence_length: int) -> None:
+        for name in ("max_steps", "save_interval", "rank_microbatch_tokens", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.rank_microbatch_tokens % sequence_length:
+            raise ConfigError(f"train.rank_microbatch_tokens: {self.rank_microbatch_tokens} is not a multiple of "
+                              f"data.sequence_length {sequence_length}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train.dtype: {self.dtype!r} is not one of ['float32', 'bfloat16']")
+        if self.data_parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.data_parallel: {self.data_parallel!r} is not one of ['ddp', 'fsdp']")
+
+
+@dataclass
+class DataBlock:
+    """What the model reads: the build's token files in OLMo-core's order. The first four fields decide which
+    instances each step reads: absent or null, they are the build's; a value given must be the build's."""
+
+    sequence_length: int | None = None
+    """Tokens per instance (OLMo-core's dataset.sequence_length)."""
+    global_batch_size_tokens: int | None = None
+    """Tokens per global batch (OLMo-core's data_loader.global_batch_size)."""
+    seed: int | None = None
+    """The shuffle seed (OLMo-core's data_loader.seed)."""
+    max_target_sequence_length: int | None = None
+    """OLMo-core's dataset.max_target_sequence_length."""
+    build: str | None = None
+    """Filled in by the launcher: the build folder."""
+    paths: list[str] | None = None
+    """Filled in by the launcher: the build's token files."""
+    dtype: str | None = None
+    """Filled in by the launcher: the token files' dtype (uint16 or uint32)."""
+
+
+@dataclass
+class TokenizerBlock:
+    """Filled in by the launcher from the build's manifest."""
+
+    name: str
+    """The build's tokenizer."""
+    vocab_size: int
+    """Its vocabulary."""
+    eos_token_id: int
+    """End of document (after every document; no BOS)."""
+    pad_token_id: int
+    """Padding."""
+
+
+@dataclass
+class RunConfig:
+    """An OLMo-core training run on an olmo-inject build (e.g. olmo_configs/olmo_core/tiny.yaml)."""
+
+    trainer: str
+    """`olmo-core` (what tells `olmo-inject train` this is not an ai2-olmo TrainConfig)."""
+    model: ModelBlock
+    """The model."""
+    optim: OptimBlock
+    """The optimizer and learning-rate schedule."""
+    train: TrainBlock
+    """Steps, checkpoints, precision, parallelism."""
+    data: DataBlock = field(default_factory=DataBlock)
+    """The build's order settings (filled in from the build when absent) and, once resolved, its files."""
+    tokenizer: TokenizerBlock | None = None
+    """Filled in by the launcher from the build."""
+
+    def validate(self) -> None:
+        if self.trainer != NAME:
+            raise ConfigError(f"trainer: {self.trainer!r}; an OLMo-core run config says `trainer: {NAME}`")
+        self.optim.validate()
+        self.train.validate(self.data.sequence_length or 1)
+
+
+def config_trainer(path: Path) -> str:
+    """The trainer a run config is for: its top-level `trainer` (an ai2-olmo TrainConfig has none)."""
+    from ..configtools import load_yaml
+
+    return str(load_yaml(path).get("trainer", "ai2-olmo"))
+
+
+def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+    """A RunConfig from YAML, with `key.sub=value` overrides (YAML values) applied; errors name the key."""
+    import yaml
+
+    from ..configtools import load_yaml
+
+    data = load_yaml(path)
+    for override in overrides:
+        key, _, value = override.partition("=")
+        where = data
+        *parents, last = key.split(".")
+        for part in parents:
+            where = where.setdefault(part, {})
+            if not isinstance(where, dict):
+                raise ConfigError(f"{path}: override {override!r}: {part} is not a mapping")
+        where[last] = yaml.safe_load(value)
+    cfg = from_dict(RunConfig, data)
+    for name in ("build", "paths", "dtype"):
+        if getattr(cfg.data, name) is not None:
+            raise ConfigError(f"{path}: data.{name}: filled in from --data by the launcher; leave it out")
+    if cfg.tokenizer is not None or cfg.train.save_folder is not None:
+        raise ConfigError(f"{path}: {'tokenizer' if cfg.tokenizer is not None else 'train.save_folder'}: filled in "
+                          f"by the launcher (from --data, --run); leave it out")
+    return cfg
+
+
+def resolve_train_config(config_path: Path, build_dir: Path, run_dir: Path, overrides: list[str] = ()) -> RunConfig:
+    """The run config checked against the build (ConfigError naming the field, the file and the build's value)
+    and completed with the build's order settings, files, tokenizer and the run folder."""
+    from ..build import load_manifest
+    from . import name_of
+
+    manifest = load_manifest(build_dir)
+    if name_of(manifest) != NAME:
+        raise ConfigError(f"trainer is {NAME!r} in {config_path}, but the build {build_dir} was made for "
+                          f"{name_of(manifest)!r} (its training.trainer): its order is that trainer's; train it with "
+                          f"an {name_of(manifest)} config, or build with training.trainer: {NAME}")
+    cfg = load_run_config(config_path, overrides)
+    t, tok = manifest["injection"]["training"], manifest["tokenizer"]
+    build_values = {"sequence_length": manifest["sequence_length"], "global_batch_size_tokens": t["global_batch_size_tokens"],
+                    "seed": t["seed"], "max_target_sequence_length": t["max_target_sequence_length"]}
+    problems = [f"data.{name} is {getattr(cfg.data, name)!r} in {config_path}, the build {build_dir} needs {want!r}"
+                for name, want in build_values.items() if getattr(cfg.data, name) not in (None, want)]
+    if problems:
+        raise ConfigError("; ".join(problems) + " (these decide which instances each step reads; the build's plan "
+                          "holds only for the values it was made for, as in its olmo-data.yaml)")
+    for name, value in build_values.items():
+        setattr(cfg.data, name, value)
+    if cfg.train.max_steps > t["steps"]:
+        raise ConfigError(f"train.max_steps is {cfg.train.max_steps} in {config_path}, the build {build_dir} plans "
+                          f"at most {t['steps']} steps")
+    cfg.validate()
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = -(-tok["vocab_size"] // 128) * 128
+    elif cfg.model.vocab_size < tok["vocab_size"]:
+        raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} in {config_path}, below the build's tokenizer "
+                          f"vocabulary {tok['vocab_size']}")
+    B = t["global_batch_size_tokens"]
+    if B % cfg.train.rank_microbatch_tokens:
+        raise ConfigError(f"train.rank_microbatch_tokens is {cfg.train.rank_microbatch_tokens} in {config_path}: "
+                          f"it must divide the global batch of {B} tokens")
+    if cfg.train.checkpoint_steps is None:
+        cfg.train.checkpoint_steps = [2**k for k in range(cfg.train.save_interval.bit_length()) if 2**k < cfg.train.save_interval]
+    cfg.train.checkpoint_steps = sorted(s for s in set(cfg.train.checkpoint_steps) if 0 < s <= cfg.train.max_steps)
+    cfg.train.save_folder = str(Path(run_dir).resolve())
+    cfg.data.build = str(Path(build_dir).resolve())
+    cfg.data.paths = [str((Path(build_dir) / f["path"]).resolve()) for f in manifest["outputs"]]
+    cfg.data.dtype = manifest["dtype"]
+    cfg.tokenizer = TokenizerBlock(name=tok["name"], vocab_size=tok["vocab_size"], eos_token_id=tok["eos_token_id"],
+                                   pad_token_id=tok["pad_token_id"])
+    return cfg
+
+
+def render(cfg: RunConfig) -> str:
+    import yaml
+
+    from ..configtools import to_dict
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def write_resolved(cfg: RunConfig, run_dir: Path) -> Path:
+    """Write RUN/config.yaml; a run folder that holds another run's config is refused (resume, not a new run)."""
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESOLVED
+    text = render(cfg)
+    if path.exists() and path.read_text() != text:
+        old, new = yaml.safe_load(path.read_text()), yaml.safe_load(text)
+        raise ConfigError(f"{run_dir}: holds a run with another config (first difference: {_first_difference(old, new)}); "
+                          f"use a new run folder")
+    tmp = path.with_name(f"{RESOLVED}.{os.getpid()}.tmp")  # one launcher per node may write it at once
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _first_difference(old, new, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(old.keys() | new.keys()):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete OLMo-core checkpoints in a run folder: RUN/stepN/ holding the files OLMo-core's
+    Checkpointer.dir_is_checkpoint asks for (the trainer state, the model and optimizer's metadata, and the
+    checkpoint's own metadata, written last)."""
+    steps = []
+    for folder in Path(run_dir).glob("step*"):
+        if folder.name[4:].isdigit() and all((folder / f).is_file() for f in
+                                              ("train/rank0.pt", "model_and_optim/.metadata", ".metadata.json")):
+            steps.append(int(folder.name[4:]))
+    return sorted(steps)
+
+
+def completed_step(run_dir: Path, max_steps: int | None = None) -> int | None:
+    """The latest checkpoint's step when it is at or past the run's end (the run is complete), else None.
+    `max_steps`: the run's end; default: train.max_steps of RUN/config.yaml."""
+    if max_steps is None:
+        import yaml
+
+        path = Path(run_dir) / RESOLVED
+        if not path.exists():
+            return None
+        max_steps = yaml.safe_load(path.read_text())["train"]["max_steps"]
+    steps = checkpoint_steps(run_dir) if Path(run_dir).is_dir() else []
+    return steps[-1] if steps and steps[-1] >= max_steps else None
+
+
+def launch(cfg: RunConfig, run_dir: Path, nproc: int | None = None, nnodes: int = 1, rendezvous: str | None = None,
+           olmo_core_python: str | None = None) -> int:
+    """Train the resolved `cfg` into `run_dir` under the run's lock; returns the trainers' exit code (0 without
+    starting them when the run is complete). A rerun resumes from the latest checkpoint (OLMo-core's Trainer loads
+    it from its save folder), with the data loader's position, RNG and optimizer state."""
+    from ..identity import bind_run
+    from ..lock import folder_lock
+
+    run_dir = Path(run_dir)
+    py = python(olmo_core_python)
+    with folder_lock(run_dir / LOCK, f"the run folder {run_dir}", shared=nnodes > 1) as lock_fd:
+        path = write_resolved(cfg, run_dir)
+        bind_run(run_dir, Path(cfg.data.build))
+        done = completed_step(run_dir, cfg.train.max_steps)
+        if done is not None:
+            print(f"olmo-inject train: {run_dir} is complete (its latest checkpoint is step {done}, the run's end); "
+                  f"nothing to train")
+            return 0
+        return _start(py, path, nproc, nnodes, rendezvous, lock_fd)
+
+
+def _start(py: str, config_path: Path, nproc: int | None, nnodes: int, rendezvous: str | None,
+           keep_open: int | None) -> int:
+    """child.py `train` in the OLMo-core environment: alone as rank 0 of 1 (no torchrun agent in between, so that
+    signals and kills reach the trainer itself), else under `python -m torch.distributed.run`. SIGUSR2 and SIGTERM
+    to this launcher are passed on to every trainer, which saves after its current step and stops."""
+    import signal
+    import subprocess
+    from functools import partial
+
+    from olmo_configs.train import _children, _free_port, _signal
+
+    from ..lock import die_with_parent
+
+    nproc = nproc or _gpus(py)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}  # that environment's own
+    env = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // nproc)),  # the cores this job may use
+           # glibc returns large freed blocks to the OS by default; the logits are reallocated every micro-batch
+           "MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
+           "OLMO_SHARED_FS": "1",  # the run folder is one folder for every rank (a shared file system across nodes)
+           **env}
+    child = [str(CHILD), "train", str(config_path)]
+    passed = (keep_open,) if keep_open is not None else ()
+    if nproc == 1 and nnodes == 1:
+        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), **env}
+        process = subprocess.Popen([py, *child], env=env, preexec_fn=partial(die_with_parent, os.getpid()),
+                                   pass_fds=passed)
+        forward = process.send_signal
+    else:
+        if nnodes == 1:
+            placement = ["--standalone"]
+        elif not rendezvous:
+            raise ConfigError(f"--nnodes {nnodes} needs --rendezvous HOST:PORT (the first node's address)")
+        else:
+            placement = [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous}",
+                         f"--rdzv_id={os.environ.get('SLURM_JOB_ID', 'olmo-inject')}"]
+        command = [py, "-m", "torch.distributed.run", *placement, f"--nproc-per-node={nproc}", *child]
+        process = subprocess.Popen(command, env=env, preexec_fn=partial(_agent_preexec, os.getpid()), pass_fds=passed)
+        forward = lambda signum: [_signal(pid, signum) for pid in _children(process.pid)]  # noqa: E731
+    handlers = {signum: signal.signal(signum, lambda signum, frame: forward(signum))
+                for signum in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        return process.wait()
+    finally:
+        for signum, previous in handlers.items():
+            signal.signal(signum, previous)
+
+
+def _agent_preexec(launcher: int) -> None:
+    """torchrun's agent dies on SIGUSR2: it ignores it (the launcher passes it to the trainers themselves)."""
+    import signal
+
+    from ..lock import die_with_parent
+
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    die_with_parent(launcher)
+
+
+def _gpus(py: str) -> int:
+    """GPUs the OLMo-core environment's torch sees (1 process on CPU)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    result = subprocess.run([py, "-c", "import torch; print(torch.cuda.device_count())"], env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ConfigError(f"the OLMo-core environment's python {py} does not run torch: {result.stderr.strip()[-500:]}")
+    return max(int(result.stdout.strip() or 0), 1)
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints

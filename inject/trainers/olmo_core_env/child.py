@@ -2,7 +2,7 @@
 package (ai2-olmo's environment holds another `olmo_core`, 0.1.0). Standard library, numpy, torch and
 olmo_core only, so that it runs where olmo-inject is not installed.
 
-    PYTHON inject/trainers/olmo_core_env/child.py COMMAND JOB.json
+    PYTHON inject/trainers/olmo_core_env/child.py COMMAND JOB.json      (or JOB.yaml)
 
 It lives in its own folder because a script's folder comes first on sys.path: beside inject/trainers/olmo_core.py
 it would shadow the olmo_core package.
@@ -198,8 +198,183 @@ def _write_json(path: str, value) -> None:
     os.replace(path + ".tmp", path)
 
 
+# -------------------------------------------------------------------------------------------------------- train
+# `train RUN/config.yaml`, one process per rank under `python -m torch.distributed.run` (or alone as rank 0 of 1):
+# OLMo-core's own Trainer, TransformerTrainModule, NumpyFSLDataset and NumpyFSLDataLoader over the build's token
+# files. The config is the launcher's resolved one (inject/trainers/olmo_core.py: RunConfig), checked there.
+
+INDICES = "data-indices"
+"""RUN/data-indices/rank{r}.tsv: one line per step a rank trained, `step<TAB>index index ...` (the instance
+indices of the rank's part of the global batch, in the loader's order); steps after the checkpoint a run resumes
+from are cut, so each step appears once."""
+
+
+def train(job: dict) -> int:
+    import signal
+
+    from olmo_core.train import prepare_training_environment, teardown_training_environment
+
+    _die_with_parent()  # a killed launcher (or torchrun agent) takes its trainers with it
+    stop = _StopRequest()
+    for signum in (signal.SIGUSR2, signal.SIGTERM):  # SLURM: preemption warning, requeue, time limit
+        signal.signal(signum, stop.request)
+    import torch
+
+    # GPUs: NCCL for training, gloo beside it for bookkeeping and checkpoints; CPU: gloo alone
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    prepare_training_environment(seed=job["train"]["init_seed"], backend=backend)
+    try:
+        trainer = _build_trainer(job, stop)
+        trainer.fit()
+    finally:
+        teardown_training_environment()
+    return 0
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent ends (prctl PR_SET_PDEATHSIG; inject.lock.die_with_parent,
+    which this environment cannot import)."""
+    import ctypes
+    import os
+    import signal
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+class _StopRequest:
+    """SIGUSR2/SIGTERM: ask the trainer to stop after the current step (OLMo-core's cancel_run, agreed across
+    ranks at the next cancel check, every step here); its checkpointer then saves the step it stopped at. A
+    signal that comes before the trainer exists is kept until training starts."""
+
+    def __init__(self):
+        self.trainer = None
+        self.signal = None
+
+    def request(self, signum, frame):
+        import signal
+
+        self.signal = signal.Signals(signum).name
+        if self.trainer is not None:
+            self.trainer.cancel_run(f"{self.signal} received: stopping after this step, saving a checkpoint")
+
+
+def _build_trainer(job: dict, stop: _StopRequest):
+    import torch
+    from olmo_core.config import DType
+    from olmo_core.data import NumpyDataLoaderConfig, NumpyFSLDatasetConfig, TokenizerConfig
+    from olmo_core.distributed.parallel import DataParallelType
+    from olmo_core.optim import AdamWConfig, ConstantWithWarmup, CosWithWarmup, LinearWithWarmup
+    from olmo_core.train import Duration, TrainerConfig
+    from olmo_core.train.callbacks import CheckpointerCallback
+    from olmo_core.train.train_module import TransformerDataParallelConfig, TransformerTrainModuleConfig
+
+    data, train, optim = job["data"], job["train"], job["optim"]
+    run = train["save_folder"]
+    tok = job["tokenizer"]
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    bf16 = train["dtype"] == "bfloat16"
+
+    model = model_config(job["model"], job["model"]["vocab_size"])
+    model.init_seed = train["init_seed"]
+    model = model.build(init_device="meta")
+
+    tokenizer = TokenizerConfig(vocab_size=tok["vocab_size"], eos_token_id=tok["eos_token_id"],
+                                pad_token_id=tok["pad_token_id"])
+    dataset = NumpyFSLDatasetConfig(tokenizer=tokenizer, paths=data["paths"], dtype=data["dtype"],
+                                    sequence_length=data["sequence_length"],
+                                    max_target_sequence_length=data["max_target_sequence_length"],
+                                    include_instance_metadata=False, work_dir=f"{run}/dataset-cache").build()
+    loader = NumpyDataLoaderConfig(global_batch_size=data["global_batch_size_tokens"], seed=data["seed"],
+                                   work_dir=f"{run}/dataset-cache", num_workers=0)
+
+    schedulers = {"cosine": CosWithWarmup, "linear": LinearWithWarmup, "constant": ConstantWithWarmup}
+    scheduler = schedulers[optim["scheduler"]](warmup=optim["warmup_steps"],
+                                               **({} if optim["scheduler"] == "constant" else {"alpha_f": optim["final_lr_fraction"]}))
+    parallel = DataParallelType.fsdp if train["data_parallel"] == "fsdp" else DataParallelType.ddp
+    module = TransformerTrainModuleConfig(
+        rank_microbatch_size=train["rank_microbatch_tokens"], max_sequence_length=data["sequence_length"],
+        optim=AdamWConfig(lr=optim["lr"], weight_decay=optim["weight_decay"], betas=tuple(optim["betas"]),
+                          eps=optim["eps"]),
+        max_grad_norm=optim["grad_clip"], scheduler=scheduler,
+        dp_config=TransformerDataParallelConfig(name=parallel, param_dtype=DType.bfloat16 if bf16 and parallel == DataParallelType.fsdp else None,
+                                                reduce_dtype=DType.float32),
+        autocast_precision=DType.bfloat16 if bf16 and parallel == DataParallelType.ddp else None,
+    ).build(model, device=device)
+    data_loader = loader.build(dataset, dp_process_group=module.dp_process_group)
+
+    trainer = TrainerConfig(
+        save_folder=run, work_dir=f"{run}/work", max_duration=Duration.steps(train["max_steps"]),
+        cancel_check_interval=1,   # a stop request (SIGUSR2/SIGTERM) is acted on after the current step
+        async_bookkeeping=False,   # every rank sees the stop at the same step (an async check may differ by one)
+        metrics_collect_interval=train["log_interval"],
+        # Checkpoints are saved synchronously: an asynchronous save records its duration as a metric on each rank
+        # when it finishes, and a stop right after one left the ranks' final metric reductions unmatched (a hang,
+        # seen with 2 gloo ranks). Every checkpoint is kept: eval reads them all.
+        callbacks={"checkpointer": CheckpointerCallback(save_interval=train["save_interval"],
+                                                        fixed_steps=train["checkpoint_steps"] or None,
+                                                        save_async=False, max_checkpoints=None),
+                   **_callbacks(f"{run}/{INDICES}", stop)},
+    ).build(module, data_loader)
+    return trainer
+
+
+def _callbacks(indices: str, stop: _StopRequest) -> dict:
+    """The two callbacks olmo-inject adds to OLMo-core's Trainer (defined here: olmo_core is imported only in
+    its environment, when training)."""
+    from dataclasses import dataclass
+
+    from olmo_core.distributed.utils import get_rank
+    from olmo_core.train.callbacks import Callback
+
+    @dataclass
+    class IndexRecorder(Callback):
+        """Writes the instance indices of every step's batch on this rank (INDICES)."""
+
+        folder: str = indices
+        file = None
+
+        def pre_train(self):
+            import os
+
+            os.makedirs(self.folder, exist_ok=True)
+            path = f"{self.folder}/rank{get_rank()}.tsv"
+            kept = []
+            if os.path.exists(path):  # cut what a stopped run wrote after the checkpoint it resumes from
+                with open(path) as f:
+                    kept = [line for line in f if line.endswith("\n") and int(line.split("\t", 1)[0]) <= self.step]
+            self.file = open(path, "w")
+            self.file.write("".join(kept))
+            self.file.flush()
+
+        def pre_step(self, batch):
+            indices = batch["index"].tolist()
+            self.file.write(f"{self.step}\t{' '.join(map(str, indices))}\n")
+            self.file.flush()
+
+        def close(self):
+            if self.file is not None:
+                self.file.close()
+
+    @dataclass
+    class StopOnRequest(Callback):
+        """Hands the trainer to the signal handler once training starts (OLMo-core's fit() clears a cancel
+        made before it), and passes on a signal that came earlier."""
+
+        def pre_train(self):
+            stop.trainer = self.trainer
+            if stop.signal is not None:
+                self.trainer.cancel_run(f"{stop.signal} received before training started")
+
+    return {"data_indices": IndexRecorder(), "stop_on_signal": StopOnRequest()}
+
+
 COMMANDS: dict = {"loader": loader, "params": params, "save-checkpoint": save_checkpoint, "forward": forward,
-                  "convert": convert}
+                  "convert": convert, "train": train}
 """COMMAND -> function(job: dict) -> int (exit code)."""
 
 
@@ -208,7 +383,13 @@ def main(argv: list[str]) -> int:
         print(f"usage: {argv[0]} {{{','.join(sorted(COMMANDS))}}} JOB.json", file=sys.stderr)
         return 2
     with open(argv[2]) as f:
-        return COMMANDS[argv[1]](json.load(f))
+        return COMMANDS[argv[1]](json.load(f) if argv[2].endswith(".json") else _yaml().safe_load(f))
+
+
+def _yaml():
+    import yaml  # OLMo-core's own dependency (omegaconf); a run's config.yaml is the train command's job
+
+    return yaml
 
 
 if __name__ == "__main__":
