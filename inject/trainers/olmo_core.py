@@ -651,8 +651,9 @@ def hf_name(name: str) -> str | None:
     return None
 
 
-def _run_config_of(folder: Path) -> dict | None:
-    """The OLMo-core run config of a run folder (None when `folder` holds none, or another trainer's)."""
+def _run_config_of(folder: Path, strict: bool = False) -> dict | None:
+    """The OLMo-core run config of a run folder (None when `folder` holds none, or another trainer's; an unreadable
+    one is None too, unless `strict`: then InjectError names it)."""
     import yaml
 
     path = folder / RUN_CONFIG
@@ -661,7 +662,9 @@ def _run_config_of(folder: Path) -> dict | None:
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise InjectError(f"{path}: not a readable YAML file: {e}") from None
+        if strict:
+            raise InjectError(f"{path}: not a readable YAML file: {e}") from None
+        return None
     return config if isinstance(config, dict) and config.get("trainer") == NAME else None
 
 
@@ -697,7 +700,7 @@ def _read_checkpoint(folder: Path):
     unpickler (never plain pickle)."""
     from olmo_configs.safe_load import read_dcp_metadata
 
-    config = _run_config_of(folder.parent)
+    config = _run_config_of(folder.parent, strict=True)
     if config is None:
         raise InjectError(f"{folder.parent / RUN_CONFIG}: missing, or not an OLMo-core run config "
                           f"(`trainer: {NAME}` and a `model` block)")
@@ -729,7 +732,7 @@ def hf_config(spec: dict, shapes: dict[str, tuple[int, ...]], run_config: dict, 
     if head_dim * n_heads != d_model:
         raise InjectError(f"{where}: model.head_dim {head_dim} x n_heads {n_heads} != d_model {d_model}: "
                           f"transformers' Olmo2 has no separate head size")
-    vocab, width = shapes["embeddings.weight"]
+    vocab = shapes["embeddings.weight"][0]
     expected = {"embeddings.weight": (vocab, d_model), "blocks.0.attention.w_k.weight": (n_kv_heads * head_dim, d_model)}
     for name, shape in expected.items():
         if shapes.get(name) != shape:
@@ -737,14 +740,17 @@ def hf_config(spec: dict, shapes: dict[str, tuple[int, ...]], run_config: dict, 
     layers = {int(name.split(".")[1]) for name in shapes if name.startswith("blocks.")}
     if layers != set(range(int(spec["n_layers"]))):
         raise InjectError(f"{where}: the checkpoint has {len(layers)} blocks, model.n_layers is {spec['n_layers']}")
-    return Olmo2Config(vocab_size=vocab, hidden_size=d_model, intermediate_size=shapes["blocks.0.feed_forward.w1.weight"][0],
-                       num_hidden_layers=int(spec["n_layers"]), num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                       max_position_embeddings=int((run_config.get("data") or {}).get("sequence_length") or 4096),
-                       rope_parameters={"rope_type": "default", "rope_theta": float(ROPE_THETA)},
-                       rms_norm_eps=LAYER_NORM_EPS, attention_bias=False, tie_word_embeddings=False,
-                       pad_token_id=_tokenizer_of(run_config).get("pad_token_id"),
-                       eos_token_id=_tokenizer_of(run_config).get("eos_token_id"),
-                       bos_token_id=None)
+    config = Olmo2Config(vocab_size=vocab, hidden_size=d_model, intermediate_size=shapes["blocks.0.feed_forward.w1.weight"][0],
+                         num_hidden_layers=int(spec["n_layers"]), num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                         max_position_embeddings=int((run_config.get("data") or {}).get("sequence_length") or 4096),
+                         rope_parameters={"rope_type": "default", "rope_theta": float(ROPE_THETA)},
+                         rms_norm_eps=LAYER_NORM_EPS, attention_bias=False, tie_word_embeddings=False,
+                         pad_token_id=_tokenizer_of(run_config).get("pad_token_id"),
+                         eos_token_id=_tokenizer_of(run_config).get("eos_token_id"),
+                         bos_token_id=None)
+    if (getattr(config, "rope_parameters", None) or {}).get("rope_theta") != ROPE_THETA:  # transformers < 5 ignores it
+        raise InjectError(f"{where}: this transformers does not take Olmo2's rope_parameters; install transformers >= 5.4")
+    return config
 
 
 def load_model(folder: Path, device: str = "cpu", vocab_size: int | None = None):
