@@ -31,6 +31,15 @@ def test_run_configs_are_up_to_date_and_keep_ai2_olmos_shapes_and_plans():
             for n in ("1B", "3B")] == [("1B", "ddp"), ("3B", "fsdp")]  # FSDP above 1.2B nominal, as ai2-olmo's ladder
 
 
+def test_every_ladder_config_is_a_valid_olmo_core_run_config():
+    """What `olmo-inject train` loads (field names, types, ranges; the data block is checked against a build later)."""
+    from inject.trainers.olmo_core import load_run_config
+
+    for path in generate_olmo_core.run_config_files():
+        config = load_run_config(path)
+        assert config.model.d_model == SIZES[path.stem].d_model and config.train.dtype == "bfloat16"
+
+
 @pytest.fixture(scope="module")
 def olmo_core_python() -> str:
     from inject.trainers import olmo_core

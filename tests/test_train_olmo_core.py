@@ -207,3 +207,25 @@ def test_train_refuses_an_ai2_olmo_build_for_an_olmo_core_config(oc_build, tmp_p
     err = capsys.readouterr().err
     assert "trainer is 'olmo-core'" in err and "made for 'ai2-olmo'" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_reads_the_runs_checkpoints_with_olmo_cores_own_logits(oc_build, one_rank_run, tmp_path, capsys):
+    """The checkpoints the Trainer wrote are eval's: every step found, the last one scored, its in-process model
+    (transformers' Olmo2) giving OLMo-core's own logits (tests/test_eval_olmo_core.py checks the rest of eval)."""
+    from eval.checkpoints import find_checkpoints
+    from inject.trainers import olmo_core
+
+    assert [(c.step, c.format) for c in find_checkpoints(one_rank_run)] == \
+           [(s, "olmo-core") for s in checkpoint_steps(one_rank_run)]
+    last = one_rank_run / f"step{STEPS}"
+    assert run_cli("eval", last, "--data", oc_build, "--out", tmp_path / "eval", "--seen", 5, "--pending", 5,
+                   "--held-out", 5) == 0
+    assert f"evaluated steps [{STEPS}]" in capsys.readouterr().out
+    tokens = np.random.default_rng(0).integers(0, 50280, size=(2, 20)).tolist()
+    model_block = yaml.safe_load((one_rank_run / "config.yaml").read_text())["model"]
+    olmo_core.run_child("forward", {"checkpoint": str(last), "model": model_block, "vocab_size": model_block["vocab_size"],
+                                    "tokens": tokens, "out": str(tmp_path / "logits.npy")}, str(olmo_core_python()))
+    model, _ = olmo_core.load_model(last)
+    with torch.no_grad():
+        ours = model(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(ours, np.load(tmp_path / "logits.npy"), atol=1e-5, rtol=0)
