@@ -753,6 +753,15 @@ def hf_config(spec: dict, shapes: dict[str, tuple[int, ...]], run_config: dict, 
     return config
 
 
+def _no_init():
+    """transformers' context that skips weight initialization (a plain context where it does not exist)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from contextlib import nullcontext as no_init_weights
+    return no_init_weights()
+
+
 def load_model(folder: Path, device: str = "cpu", vocab_size: int | None = None):
     """(transformers Olmo2ForCausalLM, run name) of an OLMo-core checkpoint, read in this process: the model
     block from RUN/config.yaml, the weights of stepN/model_and_optim (torch distributed checkpoint: metadata by
@@ -775,7 +784,8 @@ def load_model(folder: Path, device: str = "cpu", vocab_size: int | None = None)
         raise InjectError(f"{folder}/model_and_optim: parameter model.{unknown[0]} is not one of the OLMo-2 "
                           f"architecture's (an MoE or other OLMo-core model?)")
     try:
-        model = Olmo2ForCausalLM(hf_config(config["model"], shapes, config, str(folder.parent / RUN_CONFIG)))
+        with _no_init():  # every weight is read from the checkpoint (checked below): no random init of billions
+            model = Olmo2ForCausalLM(hf_config(config["model"], shapes, config, str(folder.parent / RUN_CONFIG)))
     except (KeyError, TypeError, ValueError) as e:
         raise InjectError(f"{folder.parent / RUN_CONFIG}: model: not a valid model block ({e!r})") from None
     params = dict(model.named_parameters())
