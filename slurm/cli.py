@@ -24,14 +24,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="the build the runs train on (built first when --build is given)")
     p.add_argument("--build", type=Path, metavar="BUILD_CONFIG", help="build --data from this config first: a job array "
                    "over the inputs (chunked to the profile's max_array_size) and a finishing job; training waits for it")
-    p.add_argument("--preset", help="train the sizes of a ladder preset: reference or datadecide (olmo_configs/<preset>/)")
+    p.add_argument("--preset", help="train the sizes of a ladder preset: reference or datadecide (olmo_configs/<preset>/, "
+                   "or olmo_configs/olmo_core/<preset>/ with --trainer olmo-core)")
+    p.add_argument("--trainer", choices=["ai2-olmo", "olmo-core"], default="ai2-olmo",
+                   help="whose configs --preset takes (default: ai2-olmo; the build must be made for the same trainer)")
     p.add_argument("--size", action="append", help="only these sizes of the preset (repeatable)")
-    p.add_argument("--config", type=Path, action="append", help="train this OLMo TrainConfig YAML (repeatable; "
+    p.add_argument("--config", type=Path, action="append", help="train this run config, an ai2-olmo TrainConfig or an "
+                   "OLMo-core run config (repeatable; "
                    "the run is named after the file)")
     p.add_argument("--nodes", action="append", metavar="NAME=N", help="node count for one run instead of the "
                    "arithmetic (repeatable)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="TrainConfig override for every "
-                   "run, e.g. --set max_duration=1000 (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="config override for every "
+                   "run, e.g. --set max_duration=1000 (ai2-olmo) or --set train.max_steps=1000 (OLMo-core; repeatable)")
     p.add_argument("--no-eval", action="store_true", help="no evaluation jobs after training")
     p.add_argument("--eval-seen", type=int, default=200, help="seen instances per task in evaluation (default: 200)")
     p.add_argument("--eval-held-out", type=int, default=200, help="held-out instances per task (default: 200)")
@@ -84,7 +88,8 @@ def submission(args):
         if args.preset not in PRESETS:
             raise ConfigError(f"--preset: unknown preset {args.preset!r}; expected one of {sorted(PRESETS)}")
         sizes = args.size or PRESETS[args.preset].sizes
-        folder = Path(__file__).resolve().parent.parent / "olmo_configs" / args.preset
+        configs_dir = Path(__file__).resolve().parent.parent / "olmo_configs"
+        folder = (configs_dir / "olmo_core" if args.trainer == "olmo-core" else configs_dir) / args.preset
         missing = [s for s in sizes if not (folder / f"{s}.yaml").exists()]
         if missing:
             raise ConfigError(f"--size: no {folder / (missing[0] + '.yaml')}; sizes of {args.preset}: {PRESETS[args.preset].sizes}")

@@ -26,14 +26,22 @@ class Training:
     name: str
     """Run name: the run folder RUNS/<name> and the job names."""
     config: Path
-    """The OLMo TrainConfig YAML."""
+    """The run config: an ai2-olmo TrainConfig YAML or an OLMo-core run config (`trainer: olmo-core`)."""
     overrides: list[str] = field(default_factory=list)
-    """TrainConfig overrides, `key=value`."""
+    """Config overrides, `key=value`."""
     steps: int = 0
-    """Steps the run trains (max_duration, overrides applied)."""
+    """Steps the run trains (ai2-olmo: max_duration; OLMo-core: train.max_steps; overrides applied)."""
     nodes: int = 1
     estimate: str = ""
     """How the node count was chosen, for the script's header."""
+    trainer: str = "ai2-olmo"
+    """The config's trainer (`olmo-inject train` dispatches on it; it decides how a complete run is recognized)."""
+
+    def final_checkpoint_test(self, run: Path) -> str:
+        """A shell test that is true once the run's last checkpoint is complete."""
+        if self.trainer == "olmo-core":  # OLMo-core's Checkpointer writes .metadata.json into stepN/ last
+            return f"[ -e {q(run)}/step{self.steps}/.metadata.json ]"
+        return f"[ -e {q(run)}/step{self.steps}-unsharded ] || [ -e {q(run)}/step{self.steps} ]"
 
 
 @dataclass
@@ -152,7 +160,7 @@ class Submission:
             "wait \"$child\" || status=$?",
             "while kill -0 \"$child\" 2>/dev/null; do status=0; wait \"$child\" || status=$?; done  # woken by the trap",
             "# A run whose last checkpoint exists is complete: a signal after its last step does not requeue it.",
-            f"complete() {{ [ -e {q(run)}/step{t.steps}-unsharded ] || [ -e {q(run)}/step{t.steps} ]; }}",
+            f"complete() {{ {t.final_checkpoint_test(run)}; }}",
             "if [ \"$preempted\" = 1 ] && ! complete; then",
             "  scontrol requeue \"$SLURM_JOB_ID\"",
             "  exit 0",

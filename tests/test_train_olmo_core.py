@@ -229,3 +229,57 @@ def test_eval_reads_the_runs_checkpoints_with_olmo_cores_own_logits(oc_build, on
     with torch.no_grad():
         ours = model(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(ours, np.load(tmp_path / "logits.npy"), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------ slurm submit for OLMo-core runs
+
+
+def test_slurm_sizes_an_olmo_core_run_with_olmo_cores_own_parameter_count():
+    """An OLMo-core run config in a submission: its steps (train.max_steps), nodes from OLMo-core's own parameter
+    count (child.py params) and the data block's batch, a script that calls `olmo-inject train` on it and
+    recognizes the complete run by OLMo-core's checkpoint marker."""
+    from slurm.jobs import Submission
+    from slurm.profile import load_profile
+    from slurm.submit import training_for
+
+    profile = load_profile("example-8gpu")
+    config = ROOT / "olmo_configs" / "olmo_core" / "reference" / "1B.yaml"
+    t = training_for(config, ["train.max_steps=1000"], profile)
+    assert (t.trainer, t.steps, t.nodes) == ("olmo-core", 1000, 1)
+    sizes = yaml.safe_load((ROOT / "olmo_configs" / "olmo_core" / "sizes.yaml").read_text())
+    assert f"{sizes['1B']['olmo_core_params_without_input_embedding']:,d} params" in t.estimate
+    sub = Submission(runs=Path("/scratch/runs"), data=Path("/scratch/build"), profile=profile, trainings=[t])
+    script = next(job.script for job in sub.jobs() if job.kind == "train")
+    assert f"olmo-inject train {config} --data /scratch/build --run /scratch/runs/1B" in script
+    assert "--train.max_steps=1000" in script and "[ -e /scratch/runs/1B/step1000/.metadata.json ]" in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_the_slurm_script_of_an_olmo_core_run_trains_it(oc_build, tmp_path):
+    """The rendered training script (local-cpu profile) run by bash, srun standing in as a plain exec: it trains
+    the OLMo-core run to its end, on the plan, and exits 0 without requeueing."""
+    from slurm.jobs import Submission
+    from slurm.profile import load_profile
+    from slurm.submit import training_for
+
+    profile = load_profile("local-cpu")
+    t = training_for(TINY, ["train.max_steps=3", "train.save_interval=3"], profile)
+    sub = Submission(runs=tmp_path / "runs", data=oc_build, profile=profile, trainings=[t], eval_args=None,
+                     workdir=ROOT)
+    script = next(job.script for job in sub.jobs() if job.kind == "train")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == -* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho requeue >> \"$REQUEUED\"\n")
+    (bin_dir / "olmo-inject").write_text(f'#!/bin/bash\nexec {sys.executable} -m inject.cli "$@" '
+                                         f'--olmo-core-python {olmo_core_python()}\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), "SLURM_JOB_ID": "78",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_CPUS_PER_TASK": "1", "REQUEUED": str(tmp_path / "requeued")}
+    job = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    assert checkpoint_steps(run) == [0, 1, 2, 3] and not (tmp_path / "requeued").exists()
+    order, B = planned_order(oc_build)
+    assert trained_steps(run) == {s: order[(s - 1) * B : s * B].tolist() for s in (1, 2, 3)}

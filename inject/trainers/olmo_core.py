@@ -534,7 +534,20 @@ def launch(cfg: RunConfig, run_dir: Path, nproc: int | None = None, nnodes: int 
             print(f"olmo-inject train: {run_dir} is complete (its latest checkpoint is step {done}, the run's end); "
                   f"nothing to train")
             return 0
+        _check_resume_checkpoint(run_dir)
         return _start(py, path, nproc, nnodes, rendezvous, lock_fd)
+
+
+def _check_resume_checkpoint(run_dir: Path) -> None:
+    """OLMo-core's Trainer un-pickles the checkpoint it resumes from (train/rank{r}.pt with weights_only=False, the
+    distributed checkpoint's .metadata with plain pickle): both are first read here with weights_only and the
+    allowlist (olmo_configs.safe_load), and one that needs any other class is refused, naming the file, before any
+    trainer starts."""
+    from olmo_configs.safe_load import check_checkpoint
+
+    steps = checkpoint_steps(run_dir)
+    if steps:
+        check_checkpoint(Path(run_dir) / f"step{steps[-1]}")
 
 
 def _start(py: str, config_path: Path, nproc: int | None, nnodes: int, rendezvous: str | None,
