@@ -283,3 +283,24 @@ def test_the_slurm_script_of_an_olmo_core_run_trains_it(oc_build, tmp_path):
     assert checkpoint_steps(run) == [0, 1, 2, 3] and not (tmp_path / "requeued").exists()
     order, B = planned_order(oc_build)
     assert trained_steps(run) == {s: order[(s - 1) * B : s * B].tolist() for s in (1, 2, 3)}
+
+
+def test_a_checkpoint_that_needs_other_classes_is_refused_before_resuming(oc_build, one_rank_run, tmp_path, capsys):
+    """OLMo-core un-pickles the trainer state it resumes from: the launcher first reads it with the allowlist and
+    refuses one that names any other global (here datetime.date), naming the file; no trainer starts."""
+    import datetime
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "build.json"):
+        shutil.copy(one_rank_run / name, run / name)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["train"]["save_folder"] = str(run)
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.copytree(one_rank_run / "step5", run / "step5")
+    torch.save({"when": datetime.date(2026, 1, 1)}, run / "step5" / "train" / "rank0.pt")
+    assert run_cli(*train_args(oc_build, run)) == 2
+    err = capsys.readouterr().err
+    assert str(run / "step5" / "train" / "rank0.pt") in err and "datetime" in err, err
+    assert checkpoint_steps(run) == [5] and not (run / "data-indices").exists()
