@@ -156,6 +156,18 @@ def test_half_written_and_foreign_checkpoints_are_named(build, run, tmp_path, ca
     (half / "step3" / ".metadata.json").write_text("{}")
     assert run_cli("eval", half / "step3", "--data", build, "--seen", 5, "--pending", 0, "--held-out", 5) == 1
     assert "the checkpoint has 2 blocks, model.n_layers is 3" in capsys.readouterr().err
+    (half / "config.yaml").write_text(yaml.safe_dump({**config, "model": {"d_model": 64, "n_layers": 2}}))
+    assert run_cli("eval", half / "step3", "--data", build, "--seen", 5, "--pending", 0, "--held-out", 5) == 1
+    assert "config.yaml: model.n_heads: expected a positive integer, got None" in capsys.readouterr().err
+
+
+def test_convert_checkpoint_refuses_a_folder_that_is_not_a_checkpoint_and_an_existing_output(run, tmp_path, capsys):
+    assert run_cli("convert-checkpoint", tmp_path, "--out", tmp_path / "hf") == 2
+    assert f"{tmp_path}: not an OLMo-core checkpoint" in capsys.readouterr().err
+    (tmp_path / "hf").mkdir()
+    assert run_cli("convert-checkpoint", run / "step1", "--out", tmp_path / "hf") == 2
+    assert f"{tmp_path / 'hf'}: exists" in capsys.readouterr().err
+    assert list((tmp_path / "hf").iterdir()) == [] and not (tmp_path / "hf.partial").exists()
 
 
 def test_the_analyses_read_an_olmo_core_checkpoint(build, run, tmp_path):

@@ -739,7 +739,10 @@ def hf_config(spec: dict, shapes: dict[str, tuple[int, ...]], run_config: dict, 
     the weights show (vocabulary, MLP width) and checked against them."""
     from transformers import Olmo2Config
 
-    d_model, n_heads = int(spec["d_model"]), int(spec["n_heads"])
+    for key in ("d_model", "n_layers", "n_heads"):
+        if not isinstance(spec.get(key), int) or spec[key] < 1:
+            raise InjectError(f"{where}: model.{key}: expected a positive integer, got {spec.get(key)!r}")
+    d_model, n_heads = spec["d_model"], spec["n_heads"]
     head_dim = int(spec.get("head_dim") or d_model // n_heads)
     n_kv_heads = int(spec.get("n_kv_heads") or n_heads)
     if head_dim * n_heads != d_model:
@@ -796,11 +799,9 @@ def load_model(folder: Path, device: str = "cpu", vocab_size: int | None = None)
     if unknown:
         raise InjectError(f"{folder}/model_and_optim: parameter model.{unknown[0]} is not one of the OLMo-2 "
                           f"architecture's (an MoE or other OLMo-core model?)")
-    try:
-        with _no_init():  # every weight is read from the checkpoint (checked below): no random init of billions
-            model = Olmo2ForCausalLM(hf_config(config["model"], shapes, config, str(folder.parent / RUN_CONFIG)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise InjectError(f"{folder.parent / RUN_CONFIG}: model: not a valid model block ({e!r})") from None
+    hf = hf_config(config["model"], shapes, config, str(folder.parent / RUN_CONFIG))
+    with _no_init():  # every weight is read from the checkpoint (checked below): no random init of billions
+        model = Olmo2ForCausalLM(hf)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - {hf_name(name) for name in shapes})
     if missing:
