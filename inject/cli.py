@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
               olmo-inject ladder dry-run --preset reference     # the 4M-4B ladder's arithmetic
               olmo-inject train olmo_configs/tiny.yaml --data olmo-inject-demo/build --run runs/tiny
               olmo-inject eval runs/tiny --data olmo-inject-demo/build   # seen vs held-out, every checkpoint
+              olmo-inject convert-checkpoint runs/oc/step40 --out runs/oc-hf/step40   # OLMo-core -> Hugging Face
               olmo-inject report runs/tiny --out report/                # PNG plots + summary.html
               olmo-inject slurm submit --profile example-8gpu --preset reference --data build/ --runs runs/ --dry-run
               olmo-inject analyze probe runs/tiny --data olmo-inject-demo/build         # task features per layer
