@@ -6,6 +6,7 @@
   log-spaced checkpoints early in training (1, 2, 4, ...), where memorization happens.
 - Preemption: on SIGUSR2 (SLURM's `--signal=B:USR2@...`) the trainer saves a checkpoint after the
   current step and stops, so that the requeued job resumes from it.
+- W&B: OLMo 0.6.0 finishes its run with an argument newer wandb releases lack; finished here instead.
 - Metrics: OLMo reduces and collects its metrics only on logging steps and prints them to the console;
   every step is made a logging step and rank 0 appends one row per step to RUN/metrics.jsonl (the console
   keeps the config's `console_log_interval`).
@@ -44,6 +45,14 @@ class CompatTrainer(Trainer):
     metrics_file = None  # rank 0: RUN/metrics.jsonl, opened for appending
     console_every: int = 1  # the config's console_log_interval (console_log_interval itself is set to 1)
     world_size: int = 1
+
+    def close(self, exit_code: int = 0) -> None:
+        # OLMo 0.6.0 calls wandb.finish(quiet=True); wandb 0.19+ has no `quiet`. Finish the run here first.
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
+        super().close(exit_code)
 
     def should_log_this_step(self) -> bool:
         return True  # metrics (a loss reduced over ranks, speed, learning rate) on every step

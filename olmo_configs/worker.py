@@ -113,8 +113,6 @@ def main(config_path: str) -> None:
             trainer.fit()
     if trainer.metrics_file is not None:
         trainer.metrics_file.close()
-    if wandb_run() is not None:
-        wandb_run().finish()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -139,11 +137,6 @@ def start_wandb(cfg, run_dir: Path, rank: int) -> None:
     wandb.init(dir=str(run_dir), project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
                name=cfg.wandb.name or cfg.run_name, tags=cfg.wandb.tags, id=id_file.read_text().strip(),
                resume="allow", config=cfg.asdict(exclude=["wandb"]))
-
-
-def wandb_run():
-    wandb = sys.modules.get("wandb")
-    return None if wandb is None else wandb.run
 
 
 def trim_metrics(handle, step: int) -> None:
