@@ -223,12 +223,40 @@ def train(job: dict) -> int:
     # GPUs: NCCL for training, gloo beside it for bookkeeping and checkpoints; CPU: gloo alone
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     prepare_training_environment(seed=job["train"]["init_seed"], backend=backend)
+    _weights_only_loads()
     try:
         trainer = _build_trainer(job, stop)
         trainer.fit()
     finally:
         teardown_training_environment()
     return 0
+
+
+def _weights_only_loads() -> None:
+    """OLMo-core un-pickles the checkpoint it resumes from with weights_only=False (train/rank{r}.pt, and every
+    tensor of model_and_optim/): in this process every torch.load is weights_only, with numpy's array classes
+    allowed (the trainer state holds numpy's RNG state), as olmo_configs/safe_load.py allows them for ai2-olmo.
+    The launcher has already read the checkpoint's trainer state and .metadata with that allowlist."""
+    import functools
+
+    import numpy as np
+    import torch
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 1.26
+        from numpy.core.multiarray import _reconstruct
+    torch.serialization.add_safe_globals([np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                                          (_reconstruct, "numpy.core.multiarray._reconstruct"),
+                                          (_reconstruct, "numpy._core.multiarray._reconstruct")])
+    load = torch.load
+
+    @functools.wraps(load)
+    def weights_only_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return load(*args, **kwargs)
+
+    torch.load = weights_only_load
 
 
 def _die_with_parent() -> None:
