@@ -106,6 +106,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default: 64)")
 
+    p = _sub(sub, "eval-set", "the eval sets as Hugging Face datasets and lm-evaluation-harness tasks",
+             "olmo-inject eval-set export build/ --out eval-sets/ --step 5000\n"
+             "  lm_eval --model hf --model_args pretrained=runs/20M-hf --include_path eval-sets/lm_eval --tasks olmo_inject")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = _sub(actions, "export", "write each task's seen, pending and held-out instances at a step (eval's own draw) as "
+             "Parquet files, a datasets.save_to_disk folder per task and lm-eval multiple-choice tasks",
+             "olmo-inject eval-set export build/ --out eval-sets/ --step 5000 --seen 200 --pending 200 --held-out 200")
+    q.add_argument("build_dir", type=Path)
+    q.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist)")
+    q.add_argument("--step", type=int, help="the checkpoint step the splits are drawn for (default: the plan's last)")
+    q.add_argument("--seen", type=int, default=200, help="seen instances per task (default: 200)")
+    q.add_argument("--pending", type=int, default=200, help="pending instances per task (default: 200)")
+    q.add_argument("--held-out", type=int, default=200, help="held-out instances per task (default: 200)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the draw, as eval's --seed (default: 0)")
+
     p = _sub(sub, "convert-checkpoint", "an OLMo-core checkpoint (stepN/ of an OLMo-core run) to a Hugging Face Olmo2ForCausalLM "
              "folder, by OLMo-core's own converter in its environment (eval reads both)",
              "olmo-inject convert-checkpoint runs/oc-20M/step5000 --out runs/oc-20M-hf/step5000")
@@ -409,6 +424,17 @@ def cmd_eval(args) -> int:
     return 2 if report.refused else 1 if report.failed else 0  # 2: a checkpoint unsafe to load
 
 
+def cmd_eval_set(args) -> int:
+    from eval.export import export_eval_sets
+
+    summary = export_eval_sets(args.build_dir, args.out, args.step, args.seen, args.pending, args.held_out, args.seed)
+    for task, splits in summary["rows"].items():
+        print(f"  {task:24s} " + "  ".join(f"{split} {n}" for split, n in splits.items()))
+    print(f"wrote {args.out}/ at step {summary['step']}: data/ (Parquet), hf/ (save_to_disk), lm_eval/ "
+          f"({len(summary['lm_eval_tasks'])} tasks, group olmo_inject), export.json")
+    return 0
+
+
 def cmd_convert_checkpoint(args) -> int:
     from .build import load_manifest
     from .trainers import olmo_core
@@ -622,6 +648,7 @@ COMMANDS = {
     "ladder": cmd_ladder,
     "train": cmd_train,
     "eval": cmd_eval,
+    "eval-set": cmd_eval_set,
     "convert-checkpoint": cmd_convert_checkpoint,
     "report": cmd_report,
     "analyze": cmd_analyze,
