@@ -12,7 +12,8 @@ RESULTS are eval folders (with stepN.jsonl) or run folders that hold one (RUN/ev
   their number of exposures (all checkpoints pooled), per size, with n per bin;
 - heatmap.png: final held-out accuracy relative to chance, (accuracy - chance) / (1 - chance), per model
   size (rows) and task rate (columns), with the raw accuracy, chance and n in each cell;
-- dolma_loss.png: the Dolma validation loss of each checkpoint (see eval.run).
+- dolma_loss.png: each run's training loss per step (RUN/metrics.jsonl, where the run has one) beside the Dolma
+  validation loss of each checkpoint (see eval.run).
 
 onset.csv (and a table on the summary page): per model and task, the grokking onset, the first evaluated
 step at which held-out accuracy is at least halfway from chance to perfect ((accuracy - chance) / (1 - chance)
@@ -22,6 +23,7 @@ step at which held-out accuracy is at least halfway from chance to perfect ((acc
 from __future__ import annotations
 
 import html
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -109,7 +111,7 @@ def make_report(paths: list[Path], out: Path) -> list[Path]:
     written.append(plot_answer_logprob(main, out / PLOTS[2]))
     written.append(plot_retention(rows, out / PLOTS[3]))
     written.append(plot_heatmap(main, out / PLOTS[4]))
-    written.append(plot_dolma_loss(main, out / PLOTS[5]))
+    written.append(plot_losses(main, training_losses(paths, everything), out / PLOTS[5]))
     mechanism = mechanism_plots(paths, out)
     written.extend(mechanism)
     written.extend(write_summary_page(table, out, [p.name for p in mechanism], onsets))
@@ -341,13 +343,39 @@ def plot_answer_logprob(table: list[dict], target: Path) -> Path:
     return _save(fig, target)
 
 
-def plot_dolma_loss(table: list[dict], target: Path) -> Path:
-    """The Dolma validation loss per checkpoint and model."""
+def training_losses(paths: list[Path], rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Per model (as the plots name it), (step, training loss) from its run's RUN/metrics.jsonl, where it has one."""
+    label = {r["run"]: r["model"] for r in rows}
+    losses = {}
+    for path in paths:
+        run = results_folder(path).parent
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and run.name in label:
+            points = [(r["step"], r["loss"]) for r in map(json.loads, metrics.read_text().splitlines())
+                      if r.get("loss") is not None]
+            losses[label[run.name]] = points
+    return losses
+
+
+def plot_losses(table: list[dict], training: dict[str, list[tuple[int, float]]], target: Path) -> Path:
+    """Left: each run's training loss per step (RUN/metrics.jsonl, a 10-step moving average over the raw
+    curve). Right: the Dolma validation loss per checkpoint."""
     import matplotlib.pyplot as plt
 
     models = _models(table)
     colors = _colors(models)
-    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    fig, (left, ax) = plt.subplots(1, 2, figsize=(11.0, 3.8))
+    for model, points in training.items():
+        steps, loss = np.array(points, dtype=float).T if points else (np.zeros(0), np.zeros(0))
+        left.plot(steps, loss, color=colors.get(model), alpha=0.25, lw=0.8)
+        if len(loss) >= 10:
+            left.plot(steps[9:], np.convolve(loss, np.ones(10) / 10, "valid"), color=colors.get(model), label=model)
+    if not training:
+        left.text(0.5, 0.5, "no RUN/metrics.jsonl in these runs", ha="center", transform=left.transAxes)
+    left.set(title="training loss (RUN/metrics.jsonl)", xlabel="training step", ylabel="cross-entropy (nats)")
+    left.grid(alpha=0.3)
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=7)
     for model in models:
         points = sorted({(r["step"], r["dolma_loss"]) for r in table if r["model"] == model and r.get("dolma_loss") is not None})
         if points:

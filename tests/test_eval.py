@@ -393,6 +393,8 @@ def test_report_writes_readable_plots_and_a_summary(build, memorized_run, tmp_pa
     save_checkpoint(untrained / "step0-unsharded", seed=3)
     save_checkpoint(untrained / "step50-unsharded", seed=4)
     assert run_cli("eval", untrained, "--data", build, "--seen", 15, "--pending", 15, "--held-out", 15) == 0
+    # The training loss of a run with RUN/metrics.jsonl (as `train` writes it) is drawn beside the Dolma loss.
+    (untrained / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 10 - s / 20}) + "\n" for s in range(1, 51)))
     for run in (memorized_run, untrained):  # the report also draws the mechanism analyses it finds
         assert run_cli("analyze", "probe", run, "--data", build, "--seen", 40, "--held-out", 20) == 0
     assert run_cli("report", memorized_run, untrained, "--out", tmp_path / "report") == 0
@@ -402,6 +404,10 @@ def test_report_writes_readable_plots_and_a_summary(build, memorized_run, tmp_pa
         assert image.shape[0] >= 300 and image.shape[1] >= 400, name
         assert image[..., :3].std() > 0.05, f"{name} is blank"
         assert (image[..., :3] < 0.5).mean() > 0.005, f"{name} has no lines or text"
+    from eval.report import load_rows, training_losses
+
+    losses = training_losses([memorized_run, untrained], load_rows([memorized_run, untrained]))
+    assert losses == {"tiny (small-run)": [(s, 10 - s / 20) for s in range(1, 51)]}  # the other run has none
     with open(tmp_path / "report" / "results.csv") as f:
         table = list(csv.DictReader(f))
     models = {r["model"] for r in table}
