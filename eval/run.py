@@ -233,3 +233,50 @@ def write_table(table: list[dict], target: Path) -> Path:
 
 def write_summary(out_dir: Path) -> Path:
     return write_table(summarize(read_results(out_dir)), Path(out_dir) / "summary.csv")
+
+
+WANDB_ID = "wandb-id"  # written by `train` (ai2-olmo) when the config has a wandb block
+
+
+def wandb_history(table: list[dict]) -> list[dict]:
+    """The summary as W&B history rows, one per evaluated step: `eval/step` and, per task and split (all
+    exposures, training templates), `eval/TASK/SPLIT/{accuracy,normalized,calibrated_accuracy,n}`."""
+    rows: dict[int, dict] = {}
+    for r in table:
+        if r["exposures"] != "all" or r["format"] != "training":
+            continue
+        row = rows.setdefault(int(r["step"]), {"eval/step": int(r["step"])})
+        for name in ("accuracy", "normalized", "calibrated_accuracy", "n"):
+            if r[name] is not None:
+                row[f"eval/{r['task']}/{r['split']}/{name}"] = r[name]
+    return [rows[s] for s in sorted(rows)]
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The id of a run folder's W&B run; an InjectError when it has none."""
+    from inject.errors import InjectError
+
+    id_file = Path(run_dir) / WANDB_ID
+    if not id_file.is_file():
+        raise InjectError(f"--wandb: {run_dir} has no W&B run ({WANDB_ID}); train with a `wandb:` block in the config")
+    return id_file.read_text().strip()
+
+
+def log_to_wandb(run_dir: Path, out_dir: Path) -> int:
+    """Log the eval summary to the training run's W&B run (RUN/wandb-id; project and entity from the wandb
+    block of RUN/config.yaml), on its own x axis `eval/step` (W&B steps only grow, and training logged past
+    every checkpoint). Returns the rows logged. `WANDB_MODE=offline` works without network."""
+    import yaml
+
+    run_id = wandb_run_id(run_dir)
+    block = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("wandb") or {}
+    history = wandb_history(summarize(read_results(out_dir)))
+    import wandb
+
+    wandb.init(dir=str(run_dir), id=run_id, resume="allow", project=block.get("project"), entity=block.get("entity"))
+    wandb.define_metric("eval/step")
+    wandb.define_metric("eval/*", step_metric="eval/step")
+    for row in history:
+        wandb.log(row)
+    wandb.finish()
+    return len(history)

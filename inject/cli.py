@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also ask text-encoded tasks in phrasings training never used (rule vs format)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default: 64)")
+    p.add_argument("--wandb", action="store_true", help="also log the summary (accuracy, normalized, calibrated, n per "
+                   "task and split) to the run's W&B run (RUN/wandb-id, from training with a wandb block), "
+                   "against eval/step; WANDB_MODE=offline needs no network")
 
     p = _sub(sub, "eval-set", "the eval sets as Hugging Face datasets and lm-evaluation-harness tasks",
              "olmo-inject eval-set export build/ --out eval-sets/ --step 5000\n"
@@ -414,11 +417,18 @@ def cmd_verify(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from eval.run import evaluate
+    from eval.analysis import default_out, run_folder
+    from eval.run import evaluate, log_to_wandb, wandb_run_id
+
+    if args.wandb:
+        wandb_run_id(run_folder(args.run))  # refused before any scoring when the run has no W&B run
 
     report = evaluate(args.run, args.data, out_dir=args.out, seen=args.seen, held_out=args.held_out, pending=args.pending, seed=args.seed,
                       device=args.device, batch_size=args.batch_size, unseen_templates=args.unseen_templates)
     print(f"evaluated steps {report.evaluated or '-'}; already done {report.skipped or '-'}")
+    if args.wandb:
+        logged = log_to_wandb(run_folder(args.run), args.out or default_out(args.run, "eval"))
+        print(f"logged {logged} evaluated steps to the run's W&B run")
     for failure in report.failed:
         print(f"failed: {failure}", file=sys.stderr)
     return 2 if report.refused else 1 if report.failed else 0  # 2: a checkpoint unsafe to load

@@ -492,3 +492,24 @@ def test_the_probes_best_layer_is_chosen_on_validation_not_on_the_test_score():
     assert best[("tiny", "cmp2", "outcome", 9)]["score"] == 0.6
     fit, validation = validation_split(50, seed=0)
     assert len(validation) == 10 and not set(fit) & set(validation) and len(fit) + len(validation) == 50
+
+
+def test_eval_logs_its_summary_to_the_runs_wandb_run(build, tmp_path, monkeypatch, capsys):
+    from eval.run import read_results, summarize, wandb_history
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "step0-unsharded", seed=0)
+    save_checkpoint(run / "step30-unsharded", seed=1)
+    sizes = ("--seen", 5, "--pending", 5, "--held-out", 5)
+    assert run_cli("eval", run, "--data", build, *sizes, "--wandb") == 2  # no W&B run: refused before scoring
+    assert "has no W&B run (wandb-id)" in capsys.readouterr().err and not (run / "eval").exists()
+    (run / "wandb-id").write_text("olmoinject0test\n")  # as `train` writes it for a config with a wandb block
+    (run / "config.yaml").write_text(yaml.safe_dump({"wandb": {"project": "olmo-inject-test", "entity": None}}))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert run_cli("eval", run, "--data", build, *sizes, "--wandb") == 0
+    history = wandb_history(summarize(read_results(run / "eval")))
+    assert [h["eval/step"] for h in history] == [0, 30]
+    assert history[1]["eval/cmp2/seen/n"] == 5 and 0 <= history[1]["eval/cmp2/held_out/accuracy"] <= 1
+    [logged] = (run / "wandb").glob("offline-run-*-olmoinject0test/run-olmoinject0test.wandb")
+    data = logged.read_bytes()
+    assert all(key.encode() in data for key in history[1])  # every key went into the training run's W&B file
