@@ -92,6 +92,13 @@ def trained_steps(run: Path, rank: int = 0) -> dict[int, list[int]]:
     return steps
 
 
+def metrics_rows(run: Path) -> dict[int, dict]:
+    """RUN/metrics.jsonl by step; each step once."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["step"] for r in rows}) == len(rows), "a step written twice"
+    return {r["step"]: r for r in rows}
+
+
 def planned_order(build: Path) -> tuple[np.ndarray, int]:
     manifest = json.loads((build / "manifest.json").read_text())
     t = manifest["injection"]["training"]
@@ -137,6 +144,10 @@ def one_rank_run(oc_build, tmp_path_factory) -> Path:
 def test_one_rank_trains_on_the_planned_instances_step_by_step(oc_build, one_rank_run):
     assert_trained_on_the_plan(oc_build, one_rank_run, 1)
     assert checkpoint_steps(one_rank_run) == [0, 1, 2, 4, 5, 10]  # init, dense early, every 5, the end
+    metrics = metrics_rows(one_rank_run)
+    assert sorted(metrics) == list(range(1, STEPS + 1))
+    assert metrics[1]["learning_rate"] == pytest.approx(1e-4)  # tiny.yaml: lr 1e-3, 10 warmup steps
+    assert metrics[STEPS]["loss"] < metrics[1]["loss"] and metrics[STEPS]["tokens_seen"] == STEPS * 1024
     config = yaml.safe_load((one_rank_run / "config.yaml").read_text())
     assert config["data"]["seed"] == 6198 and config["model"]["vocab_size"] == 50304
     assert config["tokenizer"]["eos_token_id"] == 50279 and len(config["data"]["paths"]) > 1
@@ -146,12 +157,14 @@ def test_a_killed_run_resumes_with_the_same_batches_and_weights(oc_build, one_ra
     run = tmp_path / "killed"
     log = tmp_path / "killed.log"
     process = start(train_args(oc_build, run), log)
-    wait_for(lambda: 5 in checkpoint_steps(run), process, "the step-5 checkpoint", log)
+    wait_for(lambda: 5 in checkpoint_steps(run) and 5 in metrics_rows(run), process, "the step-5 checkpoint", log)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert max(checkpoint_steps(run)) < STEPS
     assert run_cli(*train_args(oc_build, run)) == 0
     assert trained_steps(run) == trained_steps(one_rank_run)  # the steps after the checkpoint were cut and redone
+    losses = {step: row["loss"] for step, row in metrics_rows(run).items()}
+    assert losses == {step: row["loss"] for step, row in metrics_rows(one_rank_run).items()}
     resumed, whole, start_weights = model_states([run / f"step{STEPS}", one_rank_run / f"step{STEPS}", run / "step0"],
                                                  tmp_path)
     assert resumed.keys() == whole.keys()
@@ -187,6 +200,7 @@ def test_two_ranks_train_on_their_halves_stop_on_usr2_and_term_and_resume(oc_bui
     assert run_cli(*train_args(oc_build, run, "--nproc", "2")) == 0
     assert max(checkpoint_steps(run)) == STEPS
     assert_trained_on_the_plan(oc_build, run, 2)
+    assert sorted(metrics_rows(run)) == list(range(1, STEPS + 1))
 
 
 def test_train_refuses_an_olmo_core_config_that_does_not_match_the_build(oc_build, tmp_path, capsys):

@@ -9,8 +9,10 @@ The order (`order`, numpy only) is in inject/order.py and tested against OLMo-co
 
 Implements so far: NAME, python, order, usable_instances, file_instances, order_fields, loader_batches (OLMo-core's
 order over the token files, or with an `OlmoCoreLoader` its own data loader through child.py `loader`),
-loader_source, check_train_config; checkpoints: is_checkpoint, vocabulary, load_model (eval, in this process),
-convert_checkpoint (OLMo-core's Hugging Face converter, in its environment), run_child.
+loader_source, check_train_config; training: RunConfig (the run config), resolve_train_config, launch (child.py
+`train`: OLMo-core's own Trainer), completed_step, checkpoint_steps; checkpoints: is_checkpoint, vocabulary,
+load_model (eval, in this process), convert_checkpoint (OLMo-core's Hugging Face converter, in its environment),
+run_child.
 """
 
 from __future__ import annotations
@@ -417,6 +419,9 @@ def resolve_train_config(config_path: Path, build_dir: Path, run_dir: Path, over
     from . import name_of
 
     manifest = load_manifest(build_dir)
+    if "injection" not in manifest:
+        raise ConfigError(f"trainer is {NAME!r} in {config_path}, but the build {build_dir} has no injection plan, so "
+                          f"no training order (no training block); build with training.trainer: {NAME}")
     if name_of(manifest) != NAME:
         raise ConfigError(f"trainer is {NAME!r} in {config_path}, but the build {build_dir} was made for "
                           f"{name_of(manifest)!r} (its training.trainer): its order is that trainer's; train it with "

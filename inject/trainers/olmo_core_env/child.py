@@ -297,7 +297,7 @@ def _build_trainer(job: dict, stop: _StopRequest):
     from olmo_core.distributed.parallel import DataParallelType
     from olmo_core.optim import AdamWConfig, ConstantWithWarmup, CosWithWarmup, LinearWithWarmup
     from olmo_core.train import Duration, TrainerConfig
-    from olmo_core.train.callbacks import CheckpointerCallback
+    from olmo_core.train.callbacks import CheckpointerCallback, ConsoleLoggerCallback
     from olmo_core.train.train_module import TransformerDataParallelConfig, TransformerTrainModuleConfig
 
     data, train, optim = job["data"], job["train"], job["optim"]
@@ -339,25 +339,104 @@ def _build_trainer(job: dict, stop: _StopRequest):
         save_folder=run, work_dir=f"{run}/work", max_duration=Duration.steps(train["max_steps"]),
         cancel_check_interval=1,   # a stop request (SIGUSR2/SIGTERM) is acted on after the current step
         async_bookkeeping=False,   # every rank sees the stop at the same step (an async check may differ by one)
-        metrics_collect_interval=train["log_interval"],
+        metrics_collect_interval=1,  # every step's metrics reach RUN/metrics.jsonl before the next step
         # Checkpoints are saved synchronously: an asynchronous save records its duration as a metric on each rank
         # when it finishes, and a stop right after one left the ranks' final metric reductions unmatched (a hang,
         # seen with 2 gloo ranks). Every checkpoint is kept: eval reads them all.
-        callbacks={"checkpointer": CheckpointerCallback(save_interval=train["save_interval"],
+        callbacks={"console_logger": ConsoleLoggerCallback(log_interval=train["log_interval"],
+                                                           metrics_log_interval=train["log_interval"]),
+                   "checkpointer": CheckpointerCallback(save_interval=train["save_interval"],
                                                         fixed_steps=train["checkpoint_steps"] or None,
                                                         save_async=False, max_checkpoints=None),
-                   **_callbacks(f"{run}/{INDICES}", stop)},
+                   **_callbacks(run, stop)},
     ).build(module, data_loader)
     return trainer
 
 
-def _callbacks(indices: str, stop: _StopRequest) -> dict:
-    """The two callbacks olmo-inject adds to OLMo-core's Trainer (defined here: olmo_core is imported only in
-    its environment, when training)."""
+METRICS_FILE = "metrics.jsonl"
+"""RUN/metrics.jsonl (rank 0): one row per trained step, as ai2-olmo runs have it: `loss` (cross-entropy over every
+rank's tokens of the batch), `learning_rate`, `grad_norm` (before clipping), `tokens_seen` (global, after the step),
+`tokens_per_second` (global: rank 0's rate x ranks; both null at step 1, where OLMo-core's speed monitor starts) and
+OLMo-core's other metrics of the step under `olmo_core`. A resumed run drops the rows after its checkpoint."""
+
+METRICS = {  # RUN/metrics.jsonl field: OLMo-core's metric
+    "loss": "train/CE loss",
+    "learning_rate": "optim/LR (group 0)",
+    "grad_norm": "optim/total grad norm",
+    "tokens_seen": "throughput/total tokens",
+    "device_tokens_per_second": "throughput/device/TPS",
+}
+
+
+def _cut_after(path: str, step: int, step_of) -> str:
+    """The lines of `path` (if it exists) of steps up to `step`: a stopped run's lines after the checkpoint it
+    resumes from are about to be rewritten."""
+    import os
+
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return "".join(line for line in f if line.endswith("\n") and step_of(line) <= step)
+
+
+def _callbacks(run: str, stop: _StopRequest) -> dict:
+    """The callbacks olmo-inject adds to OLMo-core's Trainer (defined here: olmo_core is imported only in its
+    environment, when training)."""
+    import json
+    import math
     from dataclasses import dataclass
 
-    from olmo_core.distributed.utils import get_rank
+    from olmo_core.distributed.utils import get_rank, get_world_size
     from olmo_core.train.callbacks import Callback
+
+    indices = f"{run}/{INDICES}"
+
+    @dataclass
+    class MetricsRecorder(Callback):
+        """Rank 0 writes RUN/metrics.jsonl (METRICS_FILE): a step's row as soon as OLMo-core passes on its metrics
+        (every step: metrics_collect_interval 1). OLMo-core passes a step's metrics on in parts (a checkpoint
+        step's loss before its throughput): a later part rewrites the step's row, the file's last line."""
+
+        path: str = f"{run}/{METRICS_FILE}"
+        file = None
+        last = None  # (step, its metrics, the file offset of its row)
+
+        def pre_train(self):
+            if get_rank() != 0:
+                return
+            kept = _cut_after(self.path, self.step, lambda line: json.loads(line)["step"])
+            self.file = open(self.path, "w")
+            self.file.write(kept)
+            self.file.flush()
+            self.last = (self.step, None, None)
+
+        def log_metrics(self, step, metrics):
+            if self.file is None or step < self.last[0]:
+                return
+            if step == self.last[0]:
+                if self.last[1] is None:
+                    return  # a step before this run (re)started
+                metrics = {**self.last[1], **metrics}
+                self.file.seek(self.last[2])
+                self.file.truncate()
+            self.last = (step, metrics, self.file.tell())
+            self.file.write(json.dumps(self._row(step, metrics)) + "\n")
+            self.file.flush()
+
+        def _row(self, step, metrics):
+            row = {"step": step}
+            for name, key in METRICS.items():
+                value = metrics.get(key)
+                row[name] = None if value is None or not math.isfinite(float(value)) else float(value)
+            device = row.pop("device_tokens_per_second")
+            row["tokens_per_second"] = None if device is None else device * get_world_size()
+            row["olmo_core"] = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+            return row
+
+        def close(self):
+            if self.file is not None:
+                self.file.close()
+                self.file = None
 
     @dataclass
     class IndexRecorder(Callback):
@@ -371,12 +450,9 @@ def _callbacks(indices: str, stop: _StopRequest) -> dict:
 
             os.makedirs(self.folder, exist_ok=True)
             path = f"{self.folder}/rank{get_rank()}.tsv"
-            kept = []
-            if os.path.exists(path):  # cut what a stopped run wrote after the checkpoint it resumes from
-                with open(path) as f:
-                    kept = [line for line in f if line.endswith("\n") and int(line.split("\t", 1)[0]) <= self.step]
+            kept = _cut_after(path, self.step, lambda line: int(line.split("\t", 1)[0]))
             self.file = open(path, "w")
-            self.file.write("".join(kept))
+            self.file.write(kept)
             self.file.flush()
 
         def pre_step(self, batch):
@@ -398,7 +474,7 @@ def _callbacks(indices: str, stop: _StopRequest) -> dict:
             if stop.signal is not None:
                 self.trainer.cancel_run(f"{stop.signal} received before training started")
 
-    return {"data_indices": IndexRecorder(), "stop_on_signal": StopOnRequest()}
+    return {"data_indices": IndexRecorder(), "metrics_file": MetricsRecorder(), "stop_on_signal": StopOnRequest()}
 
 
 COMMANDS: dict = {"loader": loader, "params": params, "save-checkpoint": save_checkpoint, "forward": forward,
