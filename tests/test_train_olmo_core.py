@@ -181,15 +181,18 @@ def test_a_complete_run_trains_nothing(oc_build, one_rank_run, capsys):
     assert (one_rank_run / "data-indices" / "rank0.tsv").read_text() == indices
 
 
-def test_two_ranks_train_on_their_halves_stop_on_usr2_and_term_and_resume(oc_build, tmp_path):
-    """torchrun with 2 gloo processes: each rank trains on its row[r::2] of every planned batch. SIGUSR2 (SLURM's
-    warning before preemption or the time limit) and SIGTERM (scontrol requeue) to the launcher each stop both
-    ranks after the current step with a checkpoint there; reruns resume from it, and every step is trained once."""
+def test_two_fsdp_ranks_train_on_their_halves_stop_on_usr2_and_term_resume_and_train_like_one(oc_build, one_rank_run,
+                                                                                            tmp_path):
+    """torchrun with 2 gloo processes, FSDP (sharded parameters and checkpoints): each rank trains on its row[r::2] of
+    every planned batch. SIGUSR2 (SLURM's warning before preemption or the time limit) and SIGTERM (scontrol
+    requeue) to the launcher each stop both ranks after the current step with a checkpoint there; reruns resume from
+    it, every step is trained once, and the final weights are the one-rank run's up to float reassociation."""
     run = tmp_path / "two"
+    args = train_args(oc_build, run, "--nproc", "2", "--train.data_parallel=fsdp")
     for signum in (signal.SIGUSR2, signal.SIGTERM):
         done = max(checkpoint_steps(run), default=0)
         log = tmp_path / f"{signum.name}.log"
-        process = start(train_args(oc_build, run, "--nproc", "2"), log)
+        process = start(args, log)
         wait_for(lambda: (run / "data-indices" / "rank1.tsv").exists() and max(trained_steps(run, 1), default=0) > done + 1,
                  process, f"step {done + 2}", log)
         process.send_signal(signum)
@@ -197,10 +200,14 @@ def test_two_ranks_train_on_their_halves_stop_on_usr2_and_term_and_resume(oc_bui
         stopped = max(checkpoint_steps(run))
         assert done + 2 <= stopped < STEPS, signum  # saved where it stopped, not at the end
         assert sorted(trained_steps(run, 0)) == sorted(trained_steps(run, 1)) == list(range(1, stopped + 1))
-    assert run_cli(*train_args(oc_build, run, "--nproc", "2")) == 0
+    assert run_cli(*args) == 0
     assert max(checkpoint_steps(run)) == STEPS
     assert_trained_on_the_plan(oc_build, run, 2)
     assert sorted(metrics_rows(run)) == list(range(1, STEPS + 1))
+    two, one = model_states([run / f"step{STEPS}", one_rank_run / f"step{STEPS}"], tmp_path)
+    assert two.keys() == one.keys()
+    assert all(torch.allclose(two[k], one[k], atol=1e-5, rtol=1e-4) for k in one), \
+        max(float((two[k] - one[k]).abs().max()) for k in one)
 
 
 def test_train_refuses_an_olmo_core_config_that_does_not_match_the_build(oc_build, tmp_path, capsys):
