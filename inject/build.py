@@ -66,6 +66,7 @@ class TokenizeJob:
     batch_documents: int
     strict: bool
     text_field: str = "text"
+    id_field: str = "id"
 
 
 def _marker(work_dir: Path, key: str) -> Path:
@@ -131,7 +132,7 @@ def _tokenize_dolma(job: TokenizeJob, path: Path, work_dir: Path) -> dict:
     eos = tok.get_spec(job.tokenizer).eos_token_id
     with open(cache.with_suffix(".tmp"), "wb") as out:
         batch: list[str] = []
-        for text in _with_flush(iter_texts(path, on_problem, stats, job.text_field), job.batch_documents):
+        for text in _with_flush(iter_texts(path, on_problem, stats, job.text_field, job.id_field), job.batch_documents):
             if text is not None:
                 batch.append(text)
                 continue
@@ -198,7 +199,8 @@ def tokenize_all(config: BuildConfig, files: list[Path], work_dir: Path, part: t
     caches; records in input order."""
     jobs = [
         TokenizeJob(i, input_key(p), str(p), str(work_dir), config.tokenizer, config.token_dtype,
-                    config.input_dtype or config.token_dtype, config.batch_documents, config.strict, config.text_field)
+                    config.input_dtype or config.token_dtype, config.batch_documents, config.strict, config.text_field,
+                    config.id_field)
         for i, p in enumerate(files) if part is None or i % part[1] == part[0]
     ]
     records: dict[int, dict] = {}

@@ -241,6 +241,9 @@ class BuildConfig:
     text_field: str = "text"
     """The field (JSON key, Parquet or Arrow column) holding each document's text."""
 
+    id_field: str = "id"
+    """The field naming each document; a skipped record's problem quotes it (where the record has one)."""
+
     output: str | None = None
     """Output folder. The CLI's `--out` overrides it."""
 
@@ -307,8 +310,9 @@ class BuildConfig:
         tok.check_dtype_fits(self.tokenizer, self.token_dtype)
         if not self.inputs:
             raise ConfigError("inputs: at least one input file, directory or glob is required")
-        if not isinstance(self.text_field, str) or not self.text_field:
-            raise ConfigError(f"text_field: expected a field name, got {self.text_field!r}")
+        for name in ("text_field", "id_field"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name}: expected a field name, got {getattr(self, name)!r}")
         for name in ("sequence_length", "instances_per_file", "workers", "batch_documents"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")

@@ -262,15 +262,17 @@ class FileStats:
 
 
 def iter_texts(path: Path, on_problem: Callable[[Problem], None], stats: FileStats | None = None,
-               text_field: str = "text") -> Iterator[str]:
-    """The text of every good document of a document input (Dolma JSON lines, Parquet, Arrow), in file order."""
+               text_field: str = "text", id_field: str = "id") -> Iterator[str]:
+    """The text of every good document of a document input (Dolma JSON lines, Parquet, Arrow), in file order.
+    A skipped record's problem quotes its `id_field` where it has one."""
     if source_kind(path) == "dolma":
-        return iter_dolma_texts(path, on_problem, stats, text_field)
-    return iter_table_texts(path, on_problem, stats, text_field)
+        return iter_dolma_texts(path, on_problem, stats, text_field, id_field)
+    return iter_table_texts(path, on_problem, stats, text_field, id_field)
 
 
 def iter_dolma_texts(
-    path: Path, on_problem: Callable[[Problem], None], stats: FileStats | None = None, text_field: str = "text"
+    path: Path, on_problem: Callable[[Problem], None], stats: FileStats | None = None, text_field: str = "text",
+    id_field: str = "id",
 ) -> Iterator[str]:
     """The `text` (`text_field`) of every good document in a Dolma shard, in file order."""
     hashing = HashingReader(open(path, "rb"))
@@ -278,7 +280,7 @@ def iter_dolma_texts(
     try:
         stream, compression = _decompressed(path, hashing)
         for line_no, raw in enumerate(_lines(stream, path, compression), start=1):
-            text = _parse_record(raw, path, line_no, on_problem, text_field)
+            text = _parse_record(raw, path, line_no, on_problem, text_field, id_field)
             if text is not None:
                 yield text
         hashing.drain()
@@ -317,7 +319,7 @@ def _lines(stream, path: Path, compression: str) -> Iterator[bytes]:
 
 
 def _parse_record(raw: bytes, path: Path, line_no: int, on_problem: Callable[[Problem], None],
-                  field: str = "text") -> str | None:
+                  field: str = "text", id_field: str = "id") -> str | None:
     if not raw.strip():
         return None
     try:
@@ -333,28 +335,34 @@ def _parse_record(raw: bytes, path: Path, line_no: int, on_problem: Callable[[Pr
     if not isinstance(record, dict):
         on_problem(Problem(str(path), line_no, "invalid_json", f"expected a JSON object, got {type(record).__name__}"))
         return None
+    doc = _document_id(record.get(id_field), id_field)
     if field not in record:
-        on_problem(Problem(str(path), line_no, "missing_text", f"record has no {field!r} field"))
+        on_problem(Problem(str(path), line_no, "missing_text", f"record has no {field!r} field{doc}"))
         return None
     text = record[field]
     if not isinstance(text, str):
-        on_problem(Problem(str(path), line_no, "non_string_text", f"{field!r} is {type(text).__name__}, expected a string"))
+        on_problem(Problem(str(path), line_no, "non_string_text", f"{field!r} is {type(text).__name__}, expected a string{doc}"))
         return None
     if not text:
-        on_problem(Problem(str(path), line_no, "empty_text", f"{field!r} is empty"))
+        on_problem(Problem(str(path), line_no, "empty_text", f"{field!r} is empty{doc}"))
         return None
     if "\\u" in line:  # the bytes were UTF-8, so only a JSON escape can have made a lone surrogate
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             on_problem(Problem(str(path), line_no, "invalid_unicode", f"{field!r} holds a lone surrogate "
-                               f"\\u{ord(text[e.start]):04x} at character {e.start}: not text UTF-8 can encode"))
+                               f"\\u{ord(text[e.start]):04x} at character {e.start}: not text UTF-8 can encode{doc}"))
             return None
     return text
 
 
+def _document_id(value, id_field: str) -> str:
+    """` (id_field X)` for a problem message, or "" where the record has no usable id."""
+    return f" ({id_field} {value!r})" if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+
+
 def iter_table_texts(path: Path, on_problem: Callable[[Problem], None], stats: FileStats | None = None,
-                     text_field: str = "text") -> Iterator[str]:
+                     text_field: str = "text", id_field: str = "id") -> Iterator[str]:
     """The `text_field` of every good row of a Parquet file or an Arrow file (IPC stream, as save_to_disk writes,
     or IPC file), in row order, read one record batch of that column at a time."""
     import pyarrow as pa
@@ -362,14 +370,14 @@ def iter_table_texts(path: Path, on_problem: Callable[[Problem], None], stats: F
     row = 0
     try:
         with pa.memory_map(str(path)) as source:
-            batches = _record_batches(path, source, text_field)
-            for batch in batches:
-                for text in batch.column(0).to_pylist():
+            for batch in _record_batches(path, source, text_field, id_field):
+                ids = batch.column(1).to_pylist() if batch.num_columns > 1 else [None] * batch.num_rows
+                for text, doc in zip(batch.column(0).to_pylist(), ids):
                     row += 1
-                    if text is None:
-                        on_problem(Problem(str(path), row, "missing_text", f"row {row}: {text_field!r} is null"))
-                    elif not text:
-                        on_problem(Problem(str(path), row, "empty_text", f"row {row}: {text_field!r} is empty"))
+                    if not text:
+                        kind, what = ("missing_text", "null") if text is None else ("empty_text", "empty")
+                        on_problem(Problem(str(path), row, kind, f"row {row}: {text_field!r} is {what}"
+                                                                 f"{_document_id(doc, id_field)}"))
                     else:
                         yield text
     except (pa.ArrowException, OSError) as e:
@@ -378,8 +386,9 @@ def iter_table_texts(path: Path, on_problem: Callable[[Problem], None], stats: F
         stats.sha256, stats.size_bytes, stats.compression = _file_sha256(path), path.stat().st_size, source_kind(path)
 
 
-def _record_batches(path: Path, source, field: str) -> Iterator:
-    """Record batches of the one column `field` (a ConfigError when the file has no such string column)."""
+def _record_batches(path: Path, source, field: str, id_field: str) -> Iterator:
+    """Record batches of the column `field` and, where the file has it, `id_field` (a ConfigError when the file
+    has no string column `field`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -387,7 +396,8 @@ def _record_batches(path: Path, source, field: str) -> Iterator:
         reader = pq.ParquetFile(source)
         schema = reader.schema_arrow
         _check_text_column(path, schema, field)
-        return reader.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=[field])
+        columns = [field] + ([id_field] if id_field in schema.names and id_field != field else [])
+        return reader.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=columns)
     try:
         reader = pa.ipc.open_stream(source)
     except pa.ArrowInvalid:
@@ -398,8 +408,8 @@ def _record_batches(path: Path, source, field: str) -> Iterator:
     else:
         schema = reader.schema
     _check_text_column(path, schema, field)
-    index = schema.get_field_index(field)
-    return (batch.select([index]) for batch in reader)
+    columns = [field] + ([id_field] if id_field in schema.names and id_field != field else [])
+    return (batch.select([schema.get_field_index(c) for c in columns]) for batch in reader)
 
 
 def _check_text_column(path: Path, schema, field: str) -> None:

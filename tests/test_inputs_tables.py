@@ -18,9 +18,9 @@ TEXTS = make_texts(300, seed=3)
 EXAMPLE = {"sequence_length": 64, "instances_per_file": 16}
 
 
-def write_parquet(path, texts, field="text", row_group_size=70):
+def write_parquet(path, texts, field="text", row_group_size=70, id_field="id"):
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"id": [f"p{i}" for i in range(len(texts))], field: texts})
+    table = pa.table({id_field: [f"p{i}" for i in range(len(texts))], field: texts})
     pq.write_table(table, path, row_group_size=row_group_size)  # several row groups: read batch by batch
     return path
 
@@ -70,14 +70,16 @@ def test_parquet_and_saved_datasets_build_the_same_tokens_as_json_lines(tmp_path
 
 def test_bad_rows_are_counted_like_bad_lines_and_text_field_names_the_column(tmp_path):
     texts = TEXTS[:50] + [None, ""] + TEXTS[50:100]
-    write_parquet(tmp_path / "p" / "a.parquet", texts, field="content", row_group_size=20)
-    out = build(tmp_path, "p", ["p"], text_field="content")
+    write_parquet(tmp_path / "p" / "a.parquet", texts, field="content", row_group_size=20, id_field="doc")
+    out = build(tmp_path, "p", ["p"], text_field="content", id_field="doc")
     [record] = json.loads((out / MANIFEST).read_text())["inputs"]
     assert record["documents"] == 100
     assert record["problem_counts"] == {"missing_text": 1, "empty_text": 1}
     problems = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
     assert [(p["file"], p["line"], p["kind"]) for p in problems] == [
         (str(tmp_path / "p" / "a.parquet"), 51, "missing_text"), (str(tmp_path / "p" / "a.parquet"), 52, "empty_text")]
+    assert [p["message"] for p in problems] == ["row 51: 'content' is null (doc 'p50')",
+                                                "row 52: 'content' is empty (doc 'p51')"]
     # The same documents as JSON lines with the same field name build the same tokens.
     write_shard(tmp_path / "j" / "a.jsonl", [{"content": t} for t in TEXTS[:100]])
     assert token_files(build(tmp_path, "j", ["j"], text_field="content")) == token_files(out)
