@@ -357,7 +357,9 @@ METRICS_FILE = "metrics.jsonl"
 """RUN/metrics.jsonl (rank 0): one row per trained step, as ai2-olmo runs have it: `loss` (cross-entropy over every
 rank's tokens of the batch), `learning_rate`, `grad_norm` (before clipping), `tokens_seen` (global, after the step),
 `tokens_per_second` (global: rank 0's rate x ranks; both null at step 1, where OLMo-core's speed monitor starts) and
-OLMo-core's other metrics of the step under `olmo_core`. A resumed run drops the rows after its checkpoint."""
+OLMo-core's other metrics of the step under `olmo_core`. A resumed run drops the rows after its checkpoint. A step's
+row is written just after its checkpoint (the metrics are reduced after the checkpointer runs): a run killed in
+between has no row for that step."""
 
 METRICS = {  # RUN/metrics.jsonl field: OLMo-core's metric
     "loss": "train/CE loss",
