@@ -208,6 +208,12 @@ def test_two_fsdp_ranks_train_on_their_halves_stop_on_usr2_and_term_resume_and_t
     assert two.keys() == one.keys()
     assert all(torch.allclose(two[k], one[k], atol=1e-5, rtol=1e-4) for k in one), \
         max(float((two[k] - one[k]).abs().max()) for k in one)
+    from inject.trainers import olmo_core
+
+    model, _ = olmo_core.load_model(run / f"step{STEPS}")  # eval's in-process read of the sharded checkpoint
+    ours = dict(model.named_parameters())
+    assert sorted(ours) == sorted(olmo_core.hf_name(k) for k in two)
+    assert all(torch.equal(ours[olmo_core.hf_name(k)], two[k]) for k in two)  # = OLMo-core's own unsharding
 
 
 def test_train_refuses_an_olmo_core_config_that_does_not_match_the_build(oc_build, tmp_path, capsys):
