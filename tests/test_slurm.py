@@ -98,8 +98,8 @@ def test_reference_ladder_scripts_are_what_a_cluster_accepts():
     assert jobs["build-finish"].after == ["build-tokenize"]
 
 
-@pytest.mark.parametrize("complete", [False, True])
-def test_a_signal_after_the_last_step_does_not_requeue_a_complete_run(tmp_path, complete):
+@pytest.mark.parametrize("complete, signum", [(False, signal.SIGUSR2), (True, signal.SIGUSR2), (False, signal.SIGTERM)])
+def test_a_signal_after_the_last_step_does_not_requeue_a_complete_run(tmp_path, complete, signum):
     """The training script's own shell logic, run by bash with real signals. Only the two cluster commands it
     calls are stand-ins (srun: a trainer that runs until signalled; scontrol: records a requeue); the real
     cluster's requeue is tested in test_a_preempted_training_job_saves_requeues_and_resumes_from_its_checkpoint."""
@@ -123,9 +123,12 @@ def test_a_signal_after_the_last_step_does_not_requeue_a_complete_run(tmp_path, 
     deadline = time.time() + 30
     while not (tmp_path / "started").exists() and time.time() < deadline:
         time.sleep(0.05)
-    job.send_signal(signal.SIGUSR2)
+    job.send_signal(signum)
     out, _ = job.communicate(timeout=30)
     assert job.returncode == 0, out
+    if signum == signal.SIGTERM:  # the trainer was told to save; SLURM requeues (or ends) the job, not the script
+        assert "TERM, saving after the current step" in out and not (tmp_path / "requeued").exists(), out
+        return
     assert "USR2, saving" in out
     assert (tmp_path / "requeued").exists() is not complete, out
     if not complete:
