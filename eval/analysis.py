@@ -161,11 +161,12 @@ def _analyze_checkpoints(path: Path, checkpoints: list[Checkpoint], manifest: di
 
 def blocks_of(loaded: LoadedModel) -> list[torch.nn.Module]:
     """The transformer blocks, in order."""
+    from inject import trainers
+
     model = loaded.model
-    if loaded.kind == "olmo":
-        if model.config.block_group_size != 1:
-            return [b for group in model.transformer.block_groups for b in group]
-        return list(model.transformer.blocks)
+    ai2_olmo = trainers.get("ai2-olmo")
+    if loaded.kind == ai2_olmo.MODEL_KIND:
+        return ai2_olmo.model_blocks(model)
     inner = getattr(model, model.base_model_prefix, model)
     for name in ("layers", "h", "blocks"):
         if hasattr(inner, name):

@@ -17,8 +17,12 @@
 
 Every loaded model goes through the same scorer: `model(input_ids).logits`, with a key/value cache.
 
+This module finds checkpoint folders and reads Hugging Face ones; a trainer's own formats are read by its module
+(inject/trainers: ai2-olmo's unsharded and sharded checkpoints and `hf_olmo` folders by ai2_olmo.load_model and
+load_hf_olmo).
+
 Nothing in a checkpoint is run: every pickle is read by torch's weights_only unpickler with the allowlist
-of `olmo_configs.safe_load` (a file that needs more is refused, naming the file and the class), Hugging
+of `inject/trainers/safe_load.py` (a file that needs more is refused, naming the file and the class), Hugging
 Face weights from safetensors when the folder has them, and no custom code of a Hugging Face config.
 """
 
@@ -31,9 +35,10 @@ from pathlib import Path
 
 import torch
 
+from inject import trainers
 from inject.errors import InjectError
-from olmo_configs.safe_load import (CheckpointRefused, check_file, checked_olmo_loads,  # noqa: F401 (re-exported)
-                                    detached_sharded_tensor, load_dcp_tensors, load_file)
+from inject.trainers import check_vocabulary
+from inject.trainers.safe_load import CheckpointRefused, check_file  # noqa: F401 (re-exported)
 
 STEP = re.compile(r"step(\d+)")
 FORMATS = ("unsharded", "sharded", "hf", "olmo-core")
@@ -57,9 +62,7 @@ class LoadedModel:
 
 
 def checkpoint_format(folder: Path) -> str | None:
-    from inject.trainers import olmo_core
-
-    if olmo_core.is_checkpoint(folder):
+    if trainers.get("olmo-core").is_checkpoint(folder):
         return "olmo-core"
     if (folder / "model.pt").exists():
         return "unsharded"
@@ -114,19 +117,19 @@ def _step_from_config(folder: Path) -> int:
 def load_model(checkpoint: Checkpoint, manifest: dict, device: str = "cpu") -> LoadedModel:
     """Load one checkpoint for scoring; InjectError names the folder and what is wrong with it."""
     folder = checkpoint.folder
+    ai2_olmo = trainers.get("ai2-olmo")
     if checkpoint.format == "hf":
         model, name = _load_hf(folder, manifest, device), folder.name
-        kind = "hf" if not hasattr(model, "transformer") else "olmo"
+        kind = "hf" if not hasattr(model, "transformer") else ai2_olmo.MODEL_KIND
     elif checkpoint.format == "olmo-core":
-        from inject.trainers import olmo_core
-
-        _check_vocabulary(folder, *olmo_core.vocabulary(folder), manifest)
+        olmo_core = trainers.get("olmo-core")
+        check_vocabulary(folder, *olmo_core.vocabulary(folder), manifest)
         (model, name), kind = olmo_core.load_model(folder, device, manifest["tokenizer"]["vocab_size"]), "hf"
-    else:
-        model, name = _load_olmo(folder, checkpoint.format, manifest, device)
-        kind = "olmo"
+    else:  # unsharded, sharded: ai2-olmo's own formats
+        model, name = ai2_olmo.load_model(folder, checkpoint.format, manifest, device)
+        kind = ai2_olmo.MODEL_KIND
     params = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings() if kind == "hf" else model.transformer.wte
+    embedding = model.get_input_embeddings() if kind == "hf" else ai2_olmo.input_embedding(model)
     return LoadedModel(model.eval(), kind, name, params, params - embedding.weight.numel())
 
 
@@ -137,70 +140,18 @@ def load_checkpoint(folder: Path, manifest: dict, device: str = "cpu") -> torch.
                       manifest, device).model
 
 
-def _check_vocabulary(folder: Path, vocab: int, eos: int | None, manifest: dict) -> None:
-    want_vocab, want_eos = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eos_token_id"]
-    if vocab < want_vocab or (eos is not None and eos != want_eos):
-        raise InjectError(f"{folder}: vocabulary {vocab} / EOS {eos} do not fit the build's tokenizer "
-                          f"{manifest['tokenizer']['name']} ({want_vocab} tokens, EOS {want_eos})")
-
-
-def _load_olmo(folder: Path, fmt: str, manifest: dict, device: str):
-    from olmo.config import ModelConfig, TrainConfig
-    from olmo.model import OLMo
-
-    need = ["config.yaml", "model.pt" if fmt == "unsharded" else "model_and_optim/ or rank0.pt"]
-    for name in need:
-        if not any((folder / n).exists() for n in name.split("/ or ")):
-            raise InjectError(f"{folder}: no {name} (a half-written checkpoint?)")
-    try:
-        config = ModelConfig.load(folder / "config.yaml", key="model")
-        run_name = TrainConfig.load(folder / "config.yaml").run_name or folder.parent.name
-    except Exception as e:  # omegaconf raises its own types for a broken YAML
-        raise InjectError(f"{folder}/config.yaml: not an ai2-olmo config: {e}") from None
-    _check_vocabulary(folder, config.vocab_size, config.eos_token_id, manifest)
-    try:
-        config.init_device = "cpu"
-        model = OLMo(config)
-        if fmt == "unsharded":  # what OLMo.from_checkpoint does, with a weights_only load
-            model.load_state_dict(model._make_state_dict_compatible(load_file(folder / "model.pt"))[0])
-        else:
-            _load_sharded_model_state(folder, model)
-        return model.to(device), run_name
-    except InjectError:
-        raise
-    except Exception as e:  # torch raises many types for a damaged file
-        raise InjectError(f"{folder}: cannot load the {fmt} weights: {e}") from None
-
-
-def _load_sharded_model_state(folder: Path, model: torch.nn.Module) -> None:
-    if (folder / "rank0.pt").exists():
-        from olmo.checkpoint import TorchLegacyShardedCheckpointer
-        from olmo.config import TrainConfig
-
-        for rank_file in sorted(folder.glob("rank*.pt")):
-            check_file(rank_file)  # refused here, the file named, rather than inside ai2-olmo's thread pool
-        checkpointer = TorchLegacyShardedCheckpointer(TrainConfig.load(folder / "config.yaml"))
-        with checked_olmo_loads(detached_sharded_tensor()):  # ShardedTensors, without a process group
-            state, _, _ = checkpointer.unshard_checkpoint(folder, load_optimizer_state=False, load_trainer_state=False)
-        model.load_state_dict(state)
-        return
-    state = {"model": model.state_dict()}
-    load_dcp_tensors(folder / "model_and_optim", state)
-    model.load_state_dict(state["model"])
-
-
 def _load_hf(folder: Path, manifest: dict, device: str):
     try:
         config = json.loads((folder / "config.json").read_text())
     except ValueError as e:
         raise InjectError(f"{folder}/config.json: not JSON: {e}") from None
-    _check_vocabulary(folder, int(config.get("vocab_size", 0)), config.get("eos_token_id"), manifest)
+    check_vocabulary(folder, int(config.get("vocab_size", 0)), config.get("eos_token_id"), manifest)
     if not any(folder.glob("*.safetensors")):  # transformers then reads the pickled .bin files (weights_only)
         for weights in sorted(folder.glob("*.bin")):
             check_file(weights)
     try:
         if config.get("model_type") == "hf_olmo":
-            model = _load_hf_olmo(folder, config)
+            model = trainers.get("ai2-olmo").load_hf_olmo(folder, config)
         else:
             from transformers import AutoModelForCausalLM
 
@@ -210,24 +161,3 @@ def _load_hf(folder: Path, manifest: dict, device: str):
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a broken folder
         raise InjectError(f"{folder}: cannot load as a Hugging Face model: {e}") from None
     return model.to(device)
-
-
-def _load_hf_olmo(folder: Path, config: dict) -> torch.nn.Module:
-    """An `hf_olmo` folder (config.json holds ai2-olmo's ModelConfig fields; weights are prefixed `model.`)."""
-    from dataclasses import fields
-
-    from olmo.config import ModelConfig
-    from olmo.model import OLMo
-
-    known = {f.name for f in fields(ModelConfig)}
-    model_config = ModelConfig(**{k: v for k, v in config.items() if k in known})
-    model_config.init_device = "cpu"
-    if (folder / "model.safetensors").exists():
-        from safetensors.torch import load_file as load_safetensors
-
-        state = load_safetensors(folder / "model.safetensors")
-    else:
-        state = load_file(folder / "pytorch_model.bin")
-    model = OLMo(model_config)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-    return model

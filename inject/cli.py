@@ -375,24 +375,26 @@ def cmd_ladder(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .trainers import olmo_core
+    from . import trainers
 
+    olmo_core = trainers.get("olmo-core")
     if olmo_core.config_trainer(args.config) == olmo_core.NAME:  # else an ai2-olmo TrainConfig (no `trainer` key)
         return _train_olmo_core(args)
-    from olmo_configs.train import render, resolve_config, train
 
-    cfg = resolve_config(args.config, args.data, args.run, args.overrides)
+    trainer = trainers.get("ai2-olmo")  # an ai2-olmo TrainConfig: it refuses a build made for another trainer
+    cfg = trainer.resolve_train_config(args.config, args.data, args.run, args.overrides)
     if args.dry_run:
-        print(render(cfg))
+        print(trainer.render(cfg))
         return 0
-    code = train(cfg, args.data, args.run, args.nproc, args.nnodes, args.rendezvous)
+    code = trainer.train(cfg, args.data, args.run, args.nproc, args.nnodes, args.rendezvous)
     if code:
         raise InjectError(f"training exited with code {code}; rerun the same command to resume from the latest checkpoint")
 
 
 def _train_olmo_core(args) -> int:
-    from .trainers import olmo_core
+    from . import trainers
 
+    olmo_core = trainers.get("olmo-core")
     cfg = olmo_core.resolve_train_config(args.config, args.data, args.run, args.overrides)
     if args.dry_run:
         print(olmo_core.render(cfg))
@@ -446,9 +448,10 @@ def cmd_eval_set(args) -> int:
 
 
 def cmd_convert_checkpoint(args) -> int:
+    from . import trainers
     from .build import load_manifest
-    from .trainers import olmo_core
 
+    olmo_core = trainers.get("olmo-core")
     if not olmo_core.is_checkpoint(args.checkpoint):
         raise InjectError(f"{args.checkpoint}: not an OLMo-core checkpoint (stepN/ with model_and_optim/ and "
                           f".metadata.json, in a run folder whose config.yaml says trainer: olmo-core)")
@@ -553,8 +556,8 @@ def cmd_demo(args) -> int:
     from .plan import describe_plan, plot_plan
     from .sample import write_demo_corpus
     from .verify import run_verify
+    from . import trainers
     import olmo_configs
-    from olmo_configs.train import resolve_config, train
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -582,8 +585,9 @@ def cmd_demo(args) -> int:
     print(f"[4/6] training the tiny OLMo model for {args.train_steps} steps on the build (CPU is fine) into {run}")
     shutil.rmtree(run, ignore_errors=True)
     tiny = Path(olmo_configs.__file__).parent / "tiny.yaml"
-    cfg = resolve_config(tiny, work / "build", run, [f"max_duration={args.train_steps}", "console_log_interval=5"])
-    code = train(cfg, work / "build", run)
+    trainer = trainers.get("ai2-olmo")  # the demo's build is ai2-olmo's (the default)
+    cfg = trainer.resolve_train_config(tiny, work / "build", run, [f"max_duration={args.train_steps}", "console_log_interval=5"])
+    code = trainer.train(cfg, work / "build", run)
     if code:
         raise InjectError(f"training exited with code {code}")
     clock.lap("train")

@@ -63,8 +63,9 @@ def measure_olmo_core(python_path: str | None = None) -> dict[str, dict]:
     import json
     import tempfile
 
-    from inject.trainers import olmo_core
+    from inject import trainers
 
+    olmo_core = trainers.get("olmo-core")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "params.json"
         olmo_core.run_child("params", {"models": {name: olmo_core_model(size) for name, size in SIZES.items()},

@@ -131,15 +131,10 @@ def olmo_core_model(size: Size) -> dict:
 
 
 def measure_params(size: Size) -> tuple[int, int]:
-    """(total, without the input embedding), counted on a model built on the meta device."""
-    import torch
-    from olmo.config import ModelConfig
-    from olmo.model import OLMo
+    """(total, without the input embedding), counted on an ai2-olmo model built on the meta device."""
+    from inject import trainers
 
-    config = ModelConfig(**{**model_fields(size), "init_device": "meta"})
-    with torch.device("meta"):
-        model = OLMo(config, init_params=False)
-    return model.num_params(), model.num_params(include_embedding=False)
+    return trainers.get("ai2-olmo").count_params(model_fields(size))
 
 
 def checkpoint_steps(total_steps: int, interval: int) -> list[int]:

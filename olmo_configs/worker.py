@@ -34,7 +34,7 @@ def main(config_path: str) -> None:
     from .compat import CompatTrainer
     from .ladder import checkpoint_steps
     from inject.lock import die_with_parent
-    from .safe_load import CheckpointRefused, checked_olmo_loads
+    from inject.trainers.safe_load import CheckpointRefused, checked_olmo_loads
 
     die_with_parent()  # a killed launcher (or torchrun agent) takes its trainers with it
 

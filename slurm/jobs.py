@@ -38,10 +38,11 @@ class Training:
     """The config's trainer (`olmo-inject train` dispatches on it; it decides how a complete run is recognized)."""
 
     def final_checkpoint_test(self, run: Path) -> str:
-        """A shell test that is true once the run's last checkpoint is complete."""
-        if self.trainer == "olmo-core":  # OLMo-core's Checkpointer writes .metadata.json into stepN/ last
-            return f"[ -e {q(run)}/step{self.steps}/.metadata.json ]"
-        return f"[ -e {q(run)}/step{self.steps}-unsharded ] || [ -e {q(run)}/step{self.steps} ]"
+        """A shell test that is true once the run's last checkpoint is complete (the trainer's own markers)."""
+        from inject import trainers
+
+        markers = trainers.get(self.trainer).final_checkpoint_markers(self.steps)
+        return " || ".join(f"[ -e {q(run)}/{marker} ]" for marker in markers)
 
 
 @dataclass

@@ -12,7 +12,6 @@ import json
 import shutil
 import subprocess
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from inject.errors import ConfigError, InjectError
@@ -32,70 +31,18 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONF
 def training_for(config: Path, overrides: list[str], profile: ClusterProfile, nodes: int | None = None) -> Training:
     """A training run from its config (an ai2-olmo TrainConfig, or an OLMo-core run config: `trainer: olmo-core`):
     steps, and nodes from the model's size (or `nodes`)."""
-    from inject.trainers import olmo_core
+    from inject import trainers
 
-    if olmo_core.config_trainer(config) == olmo_core.NAME:
-        trainer, (steps, params, tokens, batch) = olmo_core.NAME, _olmo_core_plan(config, overrides, profile)
-    else:
-        trainer, (steps, params, tokens, batch) = "ai2-olmo", _ai2_olmo_plan(config, overrides)
+    olmo_core = trainers.get("olmo-core")
+    trainer = olmo_core.NAME if olmo_core.config_trainer(config) == olmo_core.NAME else "ai2-olmo"
+    # OLMo-core counts parameters in its own environment: only where a GPU profile needs them
+    steps, params, tokens, batch = trainers.get(trainer).run_size(config, overrides, bool(profile.gpus_per_node))
     chosen, estimate = choose_nodes(params, tokens, batch, profile)
     if nodes is not None:
         if not 1 <= nodes <= profile.max_nodes:
             raise ConfigError(f"--nodes: {nodes} for {config.stem} is outside 1..{profile.max_nodes} (profile max_nodes)")
         chosen, estimate = nodes, f"{nodes} node(s), set with --nodes ({estimate})"
     return Training(config.stem, config, overrides, steps, chosen, estimate, trainer)
-
-
-def _ai2_olmo_plan(config: Path, overrides: list[str]) -> tuple[int, int, int, int]:
-    """(steps, non-embedding parameters, tokens, global batch in instances) of an ai2-olmo TrainConfig."""
-    from olmo.config import TrainConfig
-
-    try:
-        cfg = TrainConfig.load(config, overrides=overrides)
-    except Exception as e:  # omegaconf raises several types for bad keys/values
-        raise ConfigError(f"{config}: {e}") from None
-    if not str(cfg.max_duration).isdigit():
-        raise ConfigError(f"{config}: max_duration: expected a number of steps, got {cfg.max_duration!r}")
-    steps = int(cfg.max_duration)
-    tokens = steps * cfg.global_train_batch_size * cfg.model.max_sequence_length
-    return steps, _non_embedding_params(cfg.model), tokens, cfg.global_train_batch_size
-
-
-def _olmo_core_plan(config: Path, overrides: list[str], profile: ClusterProfile) -> tuple[int, int, int, int]:
-    """(steps, non-embedding parameters, tokens, global batch in instances) of an OLMo-core run config. The build
-    may not exist yet, so the batch comes from the config's data block; the parameters (for GPU profiles) are
-    counted by OLMo-core itself, in its environment (child.py `params`)."""
-    import json
-    import tempfile
-
-    from inject.configtools import to_dict
-    from inject.trainers import olmo_core
-
-    cfg = olmo_core.load_run_config(config, overrides)
-    cfg.validate()
-    L, tokens_per_batch = cfg.data.sequence_length, cfg.data.global_batch_size_tokens
-    if L is None or tokens_per_batch is None:
-        missing = "data.sequence_length" if L is None else "data.global_batch_size_tokens"
-        raise ConfigError(f"{config}: {missing}: needed to size the job (the build may not exist when it is submitted)")
-    params = 0
-    if profile.gpus_per_node:
-        vocab = cfg.model.vocab_size or 50304  # the embedding of the GPT-NeoX tokenizers (dolma2's is larger)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "params.json"
-            olmo_core.run_child("params", {"models": {"run": to_dict(cfg.model)}, "vocab_size": vocab,
-                                           "out": str(out)})
-            params = json.loads(out.read_text())["run"]["num_non_embedding_params"]
-    return cfg.train.max_steps, params, cfg.train.max_steps * tokens_per_batch, tokens_per_batch // L
-
-
-def _non_embedding_params(model_config) -> int:
-    import torch
-    from olmo.config import ModelConfig
-    from olmo.model import OLMo
-
-    meta = ModelConfig(**{**asdict(model_config), "init_device": "meta"})
-    with torch.device("meta"):
-        return OLMo(meta, init_params=False).num_params(include_embedding=False)
 
 
 def count_inputs(build_config: Path) -> int:

@@ -134,7 +134,7 @@ def resumable_from_step1(run: Path):
 
 
 def test_a_resume_from_a_malicious_train_pt_is_refused_before_training(build, run, tmp_path, capsys):
-    from olmo_configs.safe_load import load_file
+    from inject.trainers.safe_load import load_file
 
     marker = tmp_path / "marker"
     with resumable_from_step1(run) as latest:
@@ -156,7 +156,7 @@ def test_the_trainer_restores_through_the_allowlist_and_never_reads_a_pickled_sa
     import olmo.checkpoint
     from olmo.safetensors_util import state_dict_to_safetensors_file
 
-    from olmo_configs.safe_load import CheckpointRefused, checked_olmo_loads
+    from inject.trainers.safe_load import CheckpointRefused, checked_olmo_loads
 
     marker = tmp_path / "marker"
     folder = tmp_path / "step2-unsharded"
@@ -177,7 +177,7 @@ def test_the_trainer_restores_through_the_allowlist_and_never_reads_a_pickled_sa
 
 
 def test_real_checkpoints_load_under_the_allowlist(run):
-    from olmo_configs.safe_load import check_checkpoint, load_file
+    from inject.trainers.safe_load import check_checkpoint, load_file
 
     for step in (0, 1, 2):
         check_checkpoint(run / f"step{step}-unsharded")  # model.pt, optim.pt, train.pt
@@ -210,7 +210,7 @@ def _save_sharded_rank_file(rank: int, folder: str) -> None:
 
 
 def test_rank_files_of_two_ranks_hold_sharded_tensors_that_load_under_the_allowlist(tmp_path):
-    from olmo_configs.safe_load import check_file, detached_sharded_tensor, load_file
+    from inject.trainers.safe_load import check_file, detached_sharded_tensor, load_file
 
     torch.multiprocessing.spawn(_save_sharded_rank_file, args=(str(tmp_path),), nprocs=2)
     for rank in (0, 1):

@@ -4,8 +4,8 @@
     olmo_core.py   OLMo-core 3.0.0 (OLMo 2/3's trainer; its own virtual environment, see `olmo_core.python()`)
 
 Build, verify, train, eval and slurm reach a trainer only through `get(name)` / `of_manifest(manifest)`, never
-by importing `olmo` or `olmo_core` themselves. Each trainer module provides (module-level functions; a module is
-the implementation, no classes to subclass):
+by importing `olmo` or `olmo_core` themselves (tests/test_trainer_seam.py checks the imports). Each trainer module
+provides (module-level functions; a module is the implementation, no classes to subclass):
 
     NAME                                  the name used in configs and manifests (`training.trainer`)
     order(num_instances, training, L)     the global instance order of a fresh run's first epoch (numpy only:
@@ -21,17 +21,23 @@ the implementation, no classes to subclass):
     check_train_config(manifest, path, report)
                                           verify --train-config: the run config's order fields against the build
     resolve_train_config(config, build, run, overrides) / render(cfg)
-                                          the trainer's run config checked against the build (ConfigError
-                                          naming the field) and completed with the build's paths; its YAML
-    train(cfg, build, run, nproc, nnodes, rendezvous)
-                                          train under the run folder's lock (resumes a stopped run; trains nothing on
-                                          a complete one)
-    completed_step(run, cfg)              the last step when the run folder holds the run's final checkpoint
-    load_model(folder, format, manifest, device)
-                                          eval's reading of the trainer's own checkpoint formats (never running
-                                          pickled code); eval/checkpoints.py finds the folders
+                                          the trainer's run config checked against the build (ConfigError naming the
+                                          field) and completed with the build's paths; its YAML (train --dry-run)
+    train / launch, completed_step        train under the run folder's lock (resumes a stopped run; trains nothing on
+                                          a complete one), starting the worker processes (torchrun.py); arguments
+                                          differ (ai2-olmo: train(cfg, build, run, nproc, nnodes, rendezvous);
+                                          OLMo-core: launch(cfg, run, nproc, nnodes, rendezvous, python));
+                                          inject/cli.py cmd_train calls the config's trainer
+    run_size(config, overrides, with_params) / final_checkpoint_markers(steps)
+                                          slurm's view of a run: (steps, non-embedding parameters, tokens, batch in
+                                          instances) of a run config; the files that mark its last checkpoint done
+    load_model(folder, ...)               eval's reading of the trainer's own checkpoint format (never running
+                                          pickled code: safe_load.py; arguments differ); eval/checkpoints.py finds
+                                          the folders (OLMo-core's by its `is_checkpoint`) and calls it
 
-Which of these a module implements so far is stated in its docstring.
+Which of these a module implements so far is stated in its docstring. Shared by the trainer modules: torchrun.py
+(starting the worker processes, passing SLURM's signals on), safe_load.py (reading checkpoint pickles without
+running code) and `check_vocabulary` below.
 """
 
 from __future__ import annotations
@@ -58,3 +64,13 @@ def name_of(manifest: dict) -> str:
 def of_manifest(manifest: dict) -> ModuleType:
     """The module of the trainer a build was made for."""
     return get(name_of(manifest))
+
+
+def check_vocabulary(folder, vocab: int, eos: int | None, manifest: dict) -> None:
+    """A checkpoint's vocabulary size and EOS fit the build's tokenizer (shared by eval and the trainers' readers)."""
+    from ..errors import InjectError
+
+    want_vocab, want_eos = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eos_token_id"]
+    if vocab < want_vocab or (eos is not None and eos != want_eos):
+        raise InjectError(f"{folder}: vocabulary {vocab} / EOS {eos} do not fit the build's tokenizer "
+                          f"{manifest['tokenizer']['name']} ({want_vocab} tokens, EOS {want_eos})")

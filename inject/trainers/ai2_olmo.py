@@ -1,14 +1,19 @@
 """ai2-olmo 0.6.0 (PyPI `ai2-olmo`), the legacy OLMo trainer and olmo-inject's default, installed in the main
-environment: this module imports `olmo` (lazily, inside the functions that need it), and nothing outside
-inject/trainers/ does.
+environment. This module imports `olmo` (lazily, inside the functions that need it); outside inject/trainers/ only
+the training processes its `launch` starts (olmo_configs/worker.py, compat.py), the ladder's config generator
+(olmo_configs/generate.py) and inject/tokenizer.py (tokenizing text) import it (tests/test_trainer_seam.py).
 
 Implements so far: NAME, order, usable_instances, file_instances, order_fields, loader_batches, loader_source,
-check_train_config (verify --train-config), instance_filter_masks (the build's repetition-filter check), and
-train_config_for (the minimal TrainConfig whose data loader verify replays).
+check_train_config (verify --train-config), instance_filter_masks (the build's repetition-filter check),
+train_config_for (the minimal TrainConfig whose data loader verify replays); resolve_train_config, render, train,
+launch, completed_step, final_step, final_checkpoint_markers (`olmo-inject train`, slurm); load_model, load_hf_olmo, input_embedding, model_blocks
+(eval's ai2-olmo checkpoints and models); count_params and run_size (the ladder's and slurm's model sizes).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..build import load_manifest
+from ..errors import ConfigError, InjectError
+from ..identity import bind_run
+from ..lock import folder_lock
 from ..order import FIRST_EPOCH, ai2_olmo_order
+from . import check_vocabulary
+from .torchrun import run_workers
 
 NAME = "ai2-olmo"
 
@@ -157,3 +168,294 @@ def instance_filter_masks(tokens: np.ndarray) -> bool:
     f = InstanceFilterConfig()
     return any(m.times >= f.repetition_max_count for m in find_periodic_sequences(
         tokens.astype(np.int64), max_period=f.repetition_max_period, min_period=f.repetition_min_period))
+
+
+# ---------------------------------------------------------------------------------------------------- training
+# `olmo-inject train CONFIG --data BUILD --run RUN` (moved here from olmo_configs/train.py).
+#
+# The launcher checks the TrainConfig against the build (the data order, and so every injection rate, depends on
+# batch size, sequence length and seed), fills in the build's paths, dtype, tokenizer and EOS, writes the resolved
+# config into the run folder and starts `torchrun` (one process per GPU, or one on CPU) running
+# olmo_configs/worker.py (+ compat.py), the only code that imports them. Running it again on the same run folder
+# resumes from the latest checkpoint, with the data order continuing where it stopped (OLMo restores the loader
+# position from the trainer state); on a run that is already complete it trains nothing.
+#
+# One trainer per run folder: the launcher holds RUN/.lock (shared by the launchers of one multi-node run) and
+# hands it to the trainer, which dies with its launcher (parent-death signal), so a killed launcher leaves no
+# trainer behind and a second `train` on the same folder is refused. RUN/build.json records the build's identity
+# (`inject.identity`): a resume on a replaced build is refused.
+
+RESOLVED = "config.yaml"
+LOCK = ".lock"
+
+
+def resolve_train_config(config_path: Path, build_dir: Path, run_dir: Path, overrides: list[str]):
+    """The TrainConfig for this run, checked against the build; raises ConfigError naming the field."""
+    from olmo.config import TrainConfig
+
+    try:
+        cfg = TrainConfig.load(config_path, overrides=[o.lstrip("-") for o in overrides])
+    except Exception as e:  # omegaconf raises several types for bad keys/values
+        raise ConfigError(f"{config_path}: {e}") from None
+    manifest = load_manifest(build_dir)
+    tok = manifest["tokenizer"]
+    problems = [(name, got, want) for name, got, want in order_settings(cfg, manifest) if got != want]
+    if cfg.tokenizer.identifier and Path(cfg.tokenizer.identifier).name != tok["file"]:
+        problems.append(("tokenizer.identifier", cfg.tokenizer.identifier, tok["olmo_identifier"]))
+    inj = manifest.get("injection")
+    if inj:
+        t = inj["training"]
+        steps = int(cfg.max_duration) if str(cfg.max_duration).isdigit() else None
+        if steps is None or steps > t["steps"]:
+            problems.append(("max_duration", cfg.max_duration, f"at most {t['steps']} steps (the plan's length)"))
+    if problems:
+        order = {name for name, _, _ in order_settings(cfg, manifest)}
+        why = (" (these fields decide which instances each step reads; the build's plan holds only for the values "
+               "it was made for, as in its olmo-data.yaml)") if order & {name for name, _, _ in problems} else ""
+        raise ConfigError("; ".join(f"{name} is {got!r} in {config_path}, the build {build_dir} needs {want!r}"
+                                    for name, got, want in problems) + why)
+    cfg.data.paths = [str((Path(build_dir) / f["path"]).resolve()) for f in manifest["outputs"]]
+    cfg.data.memmap_dtype = manifest["dtype"]
+    cfg.data.datasets = None
+    cfg.model.eos_token_id = tok["eos_token_id"]
+    cfg.model.pad_token_id = tok["pad_token_id"]
+    cfg.model.vocab_size = tok["vocab_size"]
+    if (cfg.model.embedding_size or 0) < tok["vocab_size"]:
+        cfg.model.embedding_size = -(-tok["vocab_size"] // 128) * 128
+    cfg.tokenizer.identifier = tok["olmo_identifier"]
+    cfg.save_folder = str(Path(run_dir).resolve())
+    cfg.run_name = cfg.run_name or Path(run_dir).name
+    cfg.canceled_check_interval = 1  # SIGUSR2 (preemption) is acted on after the current step
+    return cfg
+
+
+def render(cfg) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), sort_keys=False)
+
+
+def write_resolved(cfg, run_dir: Path) -> Path:
+    """Write the run's config; an existing run folder must hold the same one (resume, not a new run)."""
+    from omegaconf import OmegaConf
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESOLVED
+    text = render(cfg)
+    if path.exists() and path.read_text() != text:
+        old = OmegaConf.to_container(OmegaConf.load(path))
+        new = OmegaConf.to_container(OmegaConf.create(text))
+        raise ConfigError(f"{run_dir}: holds a run with another config (first difference: {_first_difference(old, new)}); "
+                          f"use a new run folder")
+    tmp = path.with_name(f"{RESOLVED}.{os.getpid()}.tmp")  # one launcher per node may write it at once
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _first_difference(old, new, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+
+
+def train(cfg, build_dir: Path, run_dir: Path, nproc: int | None = None, nnodes: int = 1,
+          rendezvous: str | None = None) -> int:
+    """Train the resolved `cfg` into `run_dir` under the run's lock; returns the trainer's exit code
+    (0 without starting it when the run is complete)."""
+    run_dir = Path(run_dir)
+    with folder_lock(run_dir / LOCK, f"the run folder {run_dir}", shared=nnodes > 1) as lock_fd:
+        path = write_resolved(cfg, run_dir)
+        bind_run(run_dir, build_dir)
+        done = completed_step(run_dir, cfg)
+        if done is not None:
+            print(f"olmo-inject train: {run_dir} is complete (its latest checkpoint is step {done}, the run's end); "
+                  f"nothing to train")
+            return 0
+        return launch(path, nproc, nnodes, rendezvous, keep_open=lock_fd)
+
+
+def final_step(cfg) -> int | None:
+    """The step a run stops at (stop_at, else max_duration in steps); None when given in tokens or epochs."""
+    steps = int(cfg.max_duration) if str(cfg.max_duration).isdigit() else None
+    if cfg.stop_at is not None:
+        steps = min(cfg.stop_at, steps) if steps is not None else cfg.stop_at
+    return steps
+
+
+def completed_step(run_dir: Path, cfg) -> int | None:
+    """The latest checkpoint's step when it is at or past the run's end (the run is complete), else None.
+    The same test as the trainer's after it restores that checkpoint (olmo_configs/worker.py)."""
+    from olmo.util import find_latest_checkpoint
+
+    end = final_step(cfg)
+    latest = find_latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+    if end is None or latest is None:
+        return None
+    step = int(Path(latest).name.replace("step", "").replace("-unsharded", ""))
+    return step if step >= end else None
+
+
+def final_checkpoint_markers(steps: int) -> list[str]:
+    """Paths in a run folder, any one of which means the run's checkpoint of step `steps` is complete (slurm's job
+    scripts test them): ai2-olmo's unsharded or sharded checkpoint folder (moved here from slurm/jobs.py)."""
+    return [f"step{steps}-unsharded", f"step{steps}"]
+
+
+def launch(config_path: Path, nproc: int | None = None, nnodes: int = 1, rendezvous: str | None = None,
+           keep_open: int | None = None) -> int:
+    """torchrun with one process per GPU (or one on CPU), on this node of `nnodes`; returns its exit code.
+
+    Several nodes (one launcher per node, e.g. under `srun`) meet at `rendezvous` (HOST:PORT of the first node).
+    `keep_open`: a file descriptor (the run's lock) the trainer keeps open for as long as it runs.
+    """
+    import torch
+
+    nproc = nproc or max(torch.cuda.device_count(), 1)
+    _check_resume_checkpoint(Path(config_path).parent)
+    return run_workers(sys.executable, ["-m", "olmo_configs.worker", str(config_path)], nproc, nnodes, rendezvous,
+                       keep_open)
+
+
+def _check_resume_checkpoint(run_dir: Path) -> None:
+    """The checkpoint a rerun resumes from is read with weights_only and an allowlist (inject/trainers/safe_load.py):
+    one that needs any other class is refused here, naming the file, before any trainer starts."""
+    from olmo.util import find_latest_checkpoint
+
+    from .safe_load import check_checkpoint, check_environment
+
+    check_environment()
+    latest = find_latest_checkpoint(run_dir)
+    if latest is not None:
+        check_checkpoint(latest)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+# (moved here from eval/checkpoints.py, which finds checkpoint folders and reads Hugging Face ones itself)
+
+MODEL_KIND = "olmo"
+"""eval's LoadedModel.kind of ai2-olmo's own OLMo class."""
+
+
+def load_model(folder: Path, fmt: str, manifest: dict, device: str = "cpu"):
+    """(model, run name) of an ai2-olmo checkpoint folder of format `fmt` (eval's "unsharded" or "sharded");
+    InjectError names the folder and what is wrong with it."""
+    from olmo.config import ModelConfig, TrainConfig
+    from olmo.model import OLMo
+
+    from .safe_load import load_file
+
+    need = ["config.yaml", "model.pt" if fmt == "unsharded" else "model_and_optim/ or rank0.pt"]
+    for name in need:
+        if not any((folder / n).exists() for n in name.split("/ or ")):
+            raise InjectError(f"{folder}: no {name} (a half-written checkpoint?)")
+    try:
+        config = ModelConfig.load(folder / "config.yaml", key="model")
+        run_name = TrainConfig.load(folder / "config.yaml").run_name or folder.parent.name
+    except Exception as e:  # omegaconf raises its own types for a broken YAML
+        raise InjectError(f"{folder}/config.yaml: not an ai2-olmo config: {e}") from None
+    check_vocabulary(folder, config.vocab_size, config.eos_token_id, manifest)
+    try:
+        config.init_device = "cpu"
+        model = OLMo(config)
+        if fmt == "unsharded":  # what OLMo.from_checkpoint does, with a weights_only load
+            model.load_state_dict(model._make_state_dict_compatible(load_file(folder / "model.pt"))[0])
+        else:
+            _load_sharded_model_state(folder, model)
+        return model.to(device), run_name
+    except InjectError:
+        raise
+    except Exception as e:  # torch raises many types for a damaged file
+        raise InjectError(f"{folder}: cannot load the {fmt} weights: {e}") from None
+
+
+def _load_sharded_model_state(folder: Path, model) -> None:
+    from .safe_load import check_file, checked_olmo_loads, detached_sharded_tensor, load_dcp_tensors
+
+    if (folder / "rank0.pt").exists():
+        from olmo.checkpoint import TorchLegacyShardedCheckpointer
+        from olmo.config import TrainConfig
+
+        for rank_file in sorted(folder.glob("rank*.pt")):
+            check_file(rank_file)  # refused here, the file named, rather than inside ai2-olmo's thread pool
+        checkpointer = TorchLegacyShardedCheckpointer(TrainConfig.load(folder / "config.yaml"))
+        with checked_olmo_loads(detached_sharded_tensor()):  # ShardedTensors, without a process group
+            state, _, _ = checkpointer.unshard_checkpoint(folder, load_optimizer_state=False, load_trainer_state=False)
+        model.load_state_dict(state)
+        return
+    state = {"model": model.state_dict()}
+    load_dcp_tensors(folder / "model_and_optim", state)
+    model.load_state_dict(state["model"])
+
+
+def load_hf_olmo(folder: Path, config: dict):
+    """An `hf_olmo` folder (config.json holds ai2-olmo's ModelConfig fields; weights are prefixed `model.`)."""
+    from dataclasses import fields
+
+    from olmo.config import ModelConfig
+    from olmo.model import OLMo
+
+    from .safe_load import load_file
+
+    known = {f.name for f in fields(ModelConfig)}
+    model_config = ModelConfig(**{k: v for k, v in config.items() if k in known})
+    model_config.init_device = "cpu"
+    if (folder / "model.safetensors").exists():
+        from safetensors.torch import load_file as load_safetensors
+
+        state = load_safetensors(folder / "model.safetensors")
+    else:
+        state = load_file(folder / "pytorch_model.bin")
+    model = OLMo(model_config)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return model
+
+
+def input_embedding(model):
+    """The input embedding of an OLMo model (its parameters are not counted as non-embedding)."""
+    return model.transformer.wte
+
+
+def model_blocks(model) -> list:
+    """The transformer blocks of an OLMo model, in order."""
+    if model.config.block_group_size != 1:
+        return [b for group in model.transformer.block_groups for b in group]
+    return list(model.transformer.blocks)
+
+
+# ------------------------------------------------------------------------------------------------------ sizes
+# (moved here from olmo_configs/ladder.py and slurm/submit.py)
+
+
+def count_params(model_fields: dict) -> tuple[int, int]:
+    """(total, without the input embedding) parameters of an ai2-olmo model with these ModelConfig fields, counted
+    on a model built on the meta device."""
+    import torch
+    from olmo.config import ModelConfig
+    from olmo.model import OLMo
+
+    config = ModelConfig(**{**model_fields, "init_device": "meta"})
+    with torch.device("meta"):
+        model = OLMo(config, init_params=False)
+    return model.num_params(), model.num_params(include_embedding=False)
+
+
+def run_size(config: Path, overrides: list[str], with_params: bool = True) -> tuple[int, int, int, int]:
+    """(steps, parameters without the input embedding, tokens, global batch in instances) of a TrainConfig YAML with
+    overrides (slurm's node choice; the parameters are counted on the meta device, whatever `with_params`);
+    ConfigError names the file and field."""
+    from dataclasses import asdict
+
+    from olmo.config import TrainConfig
+
+    try:
+        cfg = TrainConfig.load(config, overrides=overrides)
+    except Exception as e:  # omegaconf raises several types for bad keys/values
+        raise ConfigError(f"{config}: {e}") from None
+    if not str(cfg.max_duration).isdigit():
+        raise ConfigError(f"{config}: max_duration: expected a number of steps, got {cfg.max_duration!r}")
+    steps = int(cfg.max_duration)
+    tokens = steps * cfg.global_train_batch_size * cfg.model.max_sequence_length
+    return steps, count_params(asdict(cfg.model))[1], tokens, cfg.global_train_batch_size

@@ -9,10 +9,10 @@ The order (`order`, numpy only) is in inject/order.py and tested against OLMo-co
 
 Implements so far: NAME, python, order, usable_instances, file_instances, order_fields, loader_batches (OLMo-core's
 order over the token files, or with an `OlmoCoreLoader` its own data loader through child.py `loader`),
-loader_source, check_train_config; training: RunConfig (the run config), resolve_train_config, launch (child.py
-`train`: OLMo-core's own Trainer), completed_step, checkpoint_steps; checkpoints: is_checkpoint, vocabulary,
-load_model (eval, in this process), convert_checkpoint (OLMo-core's Hugging Face converter, in its environment),
-run_child.
+loader_source, check_train_config; training: RunConfig (the run config), config_trainer, load_run_config,
+resolve_train_config, render, launch (child.py `train`: OLMo-core's own Trainer), completed_step, checkpoint_steps;
+run_size (slurm's node choice); checkpoints: is_checkpoint, vocabulary, load_model (eval, in this process),
+convert_checkpoint (OLMo-core's Hugging Face converter, in its environment), run_child.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def _read_exact(child, size: int, errors, python: str) -> bytes:
 # `olmo-inject train CONFIG --data BUILD --run RUN` for an OLMo-core build: the run config (RunConfig, a YAML file
 # such as olmo_configs/olmo_core/tiny.yaml) is checked against the build and completed with it, written to
 # RUN/config.yaml, and run by child.py `train` (OLMo-core's own Trainer) under `python -m torch.distributed.run` of
-# the OLMo-core environment. Same guarantees as ai2-olmo's launcher (olmo_configs/train.py): RUN/.lock, RUN/build.json,
+# the OLMo-core environment. Same guarantees as ai2-olmo's launcher (ai2_olmo.py): RUN/.lock, RUN/build.json,
 # a rerun resumes from the latest checkpoint with the same batches, a complete run trains nothing, SIGUSR2 and
 # SIGTERM save after the current step and stop.
 
@@ -546,9 +546,9 @@ def launch(cfg: RunConfig, run_dir: Path, nproc: int | None = None, nnodes: int 
 def _check_resume_checkpoint(run_dir: Path) -> None:
     """OLMo-core's Trainer un-pickles the checkpoint it resumes from (train/rank{r}.pt with weights_only=False, the
     distributed checkpoint's .metadata with plain pickle): both are first read here with weights_only and the
-    allowlist (olmo_configs.safe_load), and one that needs any other class is refused, naming the file, before any
+    allowlist (safe_load.py), and one that needs any other class is refused, naming the file, before any
     trainer starts."""
-    from olmo_configs.safe_load import check_checkpoint
+    from .safe_load import check_checkpoint
 
     steps = checkpoint_steps(run_dir)
     if steps:
@@ -564,7 +564,7 @@ def _start(py: str, config_path: Path, nproc: int | None, nnodes: int, rendezvou
     import subprocess
     from functools import partial
 
-    from olmo_configs.train import _children, _free_port, _signal
+    from .torchrun import _children, _free_port, _signal
 
     from ..lock import die_with_parent
 
@@ -626,6 +626,35 @@ def _gpus(py: str) -> int:
     if result.returncode != 0:
         raise ConfigError(f"the OLMo-core environment's python {py} does not run torch: {result.stderr.strip()[-500:]}")
     return max(int(result.stdout.strip() or 0), 1)
+
+
+def final_checkpoint_markers(steps: int) -> list[str]:
+    """Paths in a run folder, any one of which means the run's checkpoint of step `steps` is complete (slurm's job
+    scripts test them): OLMo-core's Checkpointer writes .metadata.json into stepN/ last (moved from slurm/jobs.py)."""
+    return [f"step{steps}/.metadata.json"]
+
+
+def run_size(config: Path, overrides: list[str], with_params: bool = True) -> tuple[int, int, int, int]:
+    """(steps, non-embedding parameters, tokens, global batch in instances) of an OLMo-core run config (slurm's node
+    choice; moved here from slurm/submit.py). The build may not exist yet, so the batch comes from the config's data
+    block; the parameters (`with_params`; else 0) are counted by OLMo-core itself, in its environment (child.py
+    `params`)."""
+    from ..configtools import to_dict
+
+    cfg = load_run_config(config, overrides)
+    cfg.validate()
+    L, tokens_per_batch = cfg.data.sequence_length, cfg.data.global_batch_size_tokens
+    if L is None or tokens_per_batch is None:
+        missing = "data.sequence_length" if L is None else "data.global_batch_size_tokens"
+        raise ConfigError(f"{config}: {missing}: needed to size the job (the build may not exist when it is submitted)")
+    params = 0
+    if with_params:
+        vocab = cfg.model.vocab_size or 50304  # the embedding of the GPT-NeoX tokenizers (dolma2's is larger)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "params.json"
+            run_child("params", {"models": {"run": to_dict(cfg.model)}, "vocab_size": vocab, "out": str(out)})
+            params = json.loads(out.read_text())["run"]["num_non_embedding_params"]
+    return cfg.train.max_steps, params, cfg.train.max_steps * tokens_per_batch, tokens_per_batch // L
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -716,7 +745,7 @@ def _tokenizer_of(run_config: dict) -> dict:
 def _read_checkpoint(folder: Path):
     """(run config, torch distributed checkpoint metadata) of a checkpoint, the metadata read by the restricted
     unpickler (never plain pickle)."""
-    from olmo_configs.safe_load import read_dcp_metadata
+    from .safe_load import read_dcp_metadata
 
     config = _run_config_of(folder.parent, strict=True)
     if config is None:
@@ -795,7 +824,7 @@ def load_model(folder: Path, device: str = "cpu", vocab_size: int | None = None)
     import torch
     from transformers import Olmo2ForCausalLM
 
-    from olmo_configs.safe_load import load_dcp_tensors
+    from .safe_load import load_dcp_tensors
 
     folder = Path(folder)
     config, metadata = _read_checkpoint(folder)

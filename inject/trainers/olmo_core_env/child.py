@@ -235,7 +235,7 @@ def train(job: dict) -> int:
 def _weights_only_loads() -> None:
     """OLMo-core un-pickles the checkpoint it resumes from with weights_only=False (train/rank{r}.pt, and every
     tensor of model_and_optim/): in this process every torch.load is weights_only, with numpy's array classes
-    allowed (the trainer state holds numpy's RNG state), as olmo_configs/safe_load.py allows them for ai2-olmo.
+    allowed (the trainer state holds numpy's RNG state), as inject/trainers/safe_load.py allows them for ai2-olmo.
     The launcher has already read the checkpoint's trainer state and .metadata with that allowlist."""
     import functools
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inject.errors import InjectError
+from ..errors import InjectError
 
 UNSAFE_SWITCH = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
