@@ -4,8 +4,9 @@
   unconditionally; on a CPU-only machine both raise. We save/restore it only when CUDA is there.
 - Dense early checkpoints: OLMo saves every `save_interval(_unsharded)` steps; the ladder also wants
   log-spaced checkpoints early in training (1, 2, 4, ...), where memorization happens.
-- Preemption: on SIGUSR2 (SLURM's `--signal=B:USR2@...`) the trainer saves a checkpoint after the
-  current step and stops, so that the requeued job resumes from it.
+- Preemption: on SIGUSR2 (SLURM's `--signal=B:USR2@...`) or SIGTERM (`scontrol requeue`, preemption
+  without a signal, the time limit; KillWait seconds before SIGKILL) the trainer saves a checkpoint after
+  the current step and stops, so that the requeued job resumes from it.
 - W&B: OLMo 0.6.0 finishes its run with an argument newer wandb releases lack; finished here instead.
 - Metrics: OLMo reduces and collects its metrics only on logging steps and prints them to the console;
   every step is made a logging step and rank 0 appends one row per step to RUN/metrics.jsonl (the console
@@ -28,6 +29,8 @@ from olmo.config import CheckpointType, DistributedStrategy
 from olmo.train import Trainer
 
 log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+"""Save after the current step and stop (SLURM's preemption warning; requeue, preemption, time limit)."""
 
 
 METRICS = {  # RUN/metrics.jsonl field: OLMo's metric
@@ -93,12 +96,12 @@ class CompatTrainer(Trainer):
         return metrics
 
     def check_if_cancelled(self) -> tuple[bool, int]:
-        """OLMo's cancellation check, plus SIGUSR2: the fit loop then stops and saves its final checkpoint."""
+        """OLMo's cancellation check, plus SIGUSR2/SIGTERM: the fit loop then stops and saves its final checkpoint."""
         from olmo.torch_util import synchronize_flag
 
         cancelled, extra_steps = super().check_if_cancelled()
         if not cancelled and synchronize_flag(self.stop_requested, self.device):
-            log.warning("SIGUSR2: stopping at step %d; the final checkpoint follows", self.global_step)
+            log.warning("SIGUSR2/SIGTERM: stopping at step %d; the final checkpoint follows", self.global_step)
             return True, 0
         return cancelled, extra_steps
 
@@ -106,7 +109,8 @@ class CompatTrainer(Trainer):
         def request_stop(signum, frame):
             self.stop_requested = True
 
-        signal.signal(signal.SIGUSR2, request_stop)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, request_stop)
 
 
 def metrics_row(step: int, metrics: dict[str, float], world_size: int) -> dict:

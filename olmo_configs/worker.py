@@ -38,8 +38,9 @@ def main(config_path: str) -> None:
 
     die_with_parent()  # a killed launcher (or torchrun agent) takes its trainers with it
 
-    early_stop = []  # a SIGUSR2 during start-up is kept until the trainer exists
-    signal.signal(signal.SIGUSR2, lambda signum, frame: early_stop.append(signum))
+    early_stop = []  # a SIGUSR2/SIGTERM during start-up is kept until the trainer exists
+    for signum in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: early_stop.append(signum))
     prepare_cli_environment()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))

@@ -117,7 +117,7 @@ def test_train_refuses_a_config_that_does_not_match_the_build(demo_build, tmp_pa
     assert not (tmp_path / "r").exists()
 
 
-def test_sigusr2_saves_a_checkpoint_and_stops_then_the_run_resumes(demo_build, tmp_path):
+def test_sigusr2_or_sigterm_saves_a_checkpoint_and_stops_then_the_run_resumes(demo_build, tmp_path):
     args = ["train", str(TINY), "--data", str(demo_build), "--max_duration=20", "--run", str(tmp_path / "run")]
     process = subprocess.Popen([sys.executable, "-m", "inject.cli", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -130,6 +130,18 @@ def test_sigusr2_saves_a_checkpoint_and_stops_then_the_run_resumes(demo_build, t
     stopped = max(int(p.name[4:].split("-")[0]) for p in (tmp_path / "run").glob("step*-unsharded"))
     assert 4 <= stopped < 20  # saved where it stopped, not at the end
     assert sorted(step_indices(tmp_path / "run")) == list(range(1, stopped + 1))
+    # SIGTERM to every process of the run, as `scontrol requeue` or a preemption sends it: the same save and stop.
+    process = subprocess.Popen([sys.executable, "-m", "inject.cli", *args], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while len(step_indices(tmp_path / "run")) < stopped + 2:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=600) == 0
+    termed = max(int(p.name[4:].split("-")[0]) for p in (tmp_path / "run").glob("step*-unsharded"))
+    assert stopped + 2 <= termed < 20
+    assert sorted(step_indices(tmp_path / "run")) == list(range(1, termed + 1))
     assert run_cli(*args) == 0
     assert (tmp_path / "run" / "step20-unsharded").exists()
     assert sorted(step_indices(tmp_path / "run")) == list(range(1, 21))

@@ -557,63 +557,15 @@ def _check_resume_checkpoint(run_dir: Path) -> None:
 
 def _start(py: str, config_path: Path, nproc: int | None, nnodes: int, rendezvous: str | None,
            keep_open: int | None) -> int:
-    """child.py `train` in the OLMo-core environment: alone as rank 0 of 1 (no torchrun agent in between, so that
-    signals and kills reach the trainer itself), else under `python -m torch.distributed.run`. SIGUSR2 and SIGTERM
-    to this launcher are passed on to every trainer, which saves after its current step and stops."""
-    import signal
-    import subprocess
-    from functools import partial
+    """child.py `train` in the OLMo-core environment (torchrun.run_workers: alone as rank 0 of 1, else under
+    `python -m torch.distributed.run`). SIGUSR2 and SIGTERM to this launcher are passed on to every trainer,
+    which saves after its current step and stops."""
+    from .torchrun import run_workers
 
-    from .torchrun import _children, _free_port, _signal
-
-    from ..lock import die_with_parent
-
-    nproc = nproc or _gpus(py)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}  # that environment's own
-    env = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // nproc)),  # the cores this job may use
-           # glibc returns large freed blocks to the OS by default; the logits are reallocated every micro-batch
-           "MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
-           "OLMO_SHARED_FS": "1",  # the run folder is one folder for every rank (a shared file system across nodes)
-           **env}
-    child = [str(CHILD), "train", str(config_path)]
-    passed = (keep_open,) if keep_open is not None else ()
-    if nproc == 1 and nnodes == 1:
-        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), **env}
-        process = subprocess.Popen([py, *child], env=env, preexec_fn=partial(die_with_parent, os.getpid()),
-                                   pass_fds=passed)
-        forward = process.send_signal
-    else:
-        if nnodes == 1:
-            placement = ["--standalone"]
-        elif not rendezvous:
-            raise ConfigError(f"--nnodes {nnodes} needs --rendezvous HOST:PORT (the first node's address)")
-        else:
-            placement = [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous}",
-                         f"--rdzv_id={os.environ.get('SLURM_JOB_ID', 'olmo-inject')}"]
-        command = [py, "-m", "torch.distributed.run", *placement, f"--nproc-per-node={nproc}", *child]
-        process = subprocess.Popen(command, env=env, preexec_fn=partial(_agent_preexec, os.getpid()), pass_fds=passed)
-        forward = lambda signum: [_signal(pid, signum) for pid in _children(process.pid)]  # noqa: E731
-    handlers = {signum: signal.signal(signum, lambda signum, frame: forward(signum))
-                for signum in (signal.SIGUSR2, signal.SIGTERM)}
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        return process.wait()
-    finally:
-        for signum, previous in handlers.items():
-            signal.signal(signum, previous)
-
-
-def _agent_preexec(launcher: int) -> None:
-    """torchrun's agent dies on SIGUSR2: it ignores it (the launcher passes it to the trainers themselves)."""
-    import signal
-
-    from ..lock import die_with_parent
-
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    die_with_parent(launcher)
+    env["OLMO_SHARED_FS"] = "1"  # the run folder is one folder for every rank (a shared file system across nodes)
+    return run_workers(py, [str(CHILD), "train", str(config_path)], nproc or _gpus(py), nnodes, rendezvous,
+                       keep_open, env)
 
 
 def _gpus(py: str) -> int:

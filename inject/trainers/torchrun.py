@@ -14,11 +14,17 @@ from ..errors import ConfigError
 from ..lock import die_with_parent
 
 
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+"""Passed on to every worker, which saves after its current step and stops: SLURM's preemption warning (USR2),
+and `scontrol requeue`, preemption without a signal or the time limit (TERM, then SIGKILL after KillWait)."""
+
+
 def run_workers(python: str, worker: list[str], nproc: int, nnodes: int = 1, rendezvous: str | None = None,
-                keep_open: int | None = None) -> int:
+                keep_open: int | None = None, env: dict[str, str] | None = None) -> int:
     """`python WORKER...` as `nproc` processes on this node of `nnodes` (one process: started directly; more: under
-    torchrun, `python -m torch.distributed.run`); returns its exit code. SIGUSR2 sent to this process reaches every
-    worker (SLURM preemption: they save and stop); the workers die with this process.
+    torchrun, `python -m torch.distributed.run`); returns its exit code. SIGUSR2 or SIGTERM sent to this process
+    reaches every worker (they save and stop; this launcher waits for them instead of dying); the workers die
+    with this process. `env`: the workers' environment (default: this one's).
 
     Several nodes (one launcher per node, e.g. under `srun`) meet at `rendezvous` (HOST:PORT of the first node).
     `keep_open`: a file descriptor (the run's lock) the workers keep open for as long as they run.
@@ -28,7 +34,7 @@ def run_workers(python: str, worker: list[str], nproc: int, nnodes: int = 1, ren
         # glibc returns large freed blocks to the OS by default; the logits (tokens x 50k) are reallocated
         # every micro-batch, and the page faults tripled step time on CPU. Keep them.
         "MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
-        **os.environ,
+        **(os.environ if env is None else env),
     }
     passed = (keep_open,) if keep_open is not None else ()
     if nproc == 1 and nnodes == 1:  # one process: no agent in between, so that a kill or a signal reaches the trainer itself
@@ -50,16 +56,18 @@ def run_workers(python: str, worker: list[str], nproc: int, nnodes: int = 1, ren
         # sessions of their own and install their own handler first thing: the signal goes to each of them.
         process = subprocess.Popen(command, env=env, preexec_fn=partial(_agent_preexec, os.getpid()), pass_fds=passed)
         forward = lambda signum: [_signal(pid, signum) for pid in _children(process.pid)]  # noqa: E731
-    # SLURM signals the job's shell (--signal=B:USR2@...), which passes it to srun and srun to us: pass it on
-    # to the trainer, which saves a checkpoint and stops.
-    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: forward(signal.SIGUSR2))
+    # SLURM signals the job's shell (--signal=B:USR2@...), which passes it to srun and srun to us; a requeue
+    # TERMs every process of the job. Pass either on to the trainers, which save a checkpoint and stop. (torchrun's
+    # agent installs its own TERM handler: on TERM it gives its workers 30 s before killing them.)
+    handlers = {signum: signal.signal(signum, lambda signum, frame: forward(signum)) for signum in STOP_SIGNALS}
     try:
         return process.wait()
     except KeyboardInterrupt:
         process.send_signal(signal.SIGINT)
         return process.wait()
     finally:
-        signal.signal(signal.SIGUSR2, previous)
+        for signum, previous in handlers.items():
+            signal.signal(signum, previous)
 
 
 def _agent_preexec(launcher: int) -> None:
