@@ -121,10 +121,9 @@ def load_model(checkpoint: Checkpoint, manifest: dict, device: str = "cpu") -> L
     if checkpoint.format == "hf":
         model, name = _load_hf(folder, manifest, device), folder.name
         kind = "hf" if not hasattr(model, "transformer") else ai2_olmo.MODEL_KIND
-    elif checkpoint.format == "olmo-core":
-        olmo_core = trainers.get("olmo-core")
-        check_vocabulary(folder, *olmo_core.vocabulary(folder), manifest)
-        (model, name), kind = olmo_core.load_model(folder, device, manifest["tokenizer"]["vocab_size"]), "hf"
+    elif checkpoint.format == "olmo-core":  # read into transformers' Olmo2ForCausalLM
+        model, name = trainers.get("olmo-core").load_model(folder, checkpoint.format, manifest, device)
+        kind = "hf"
     else:  # unsharded, sharded: ai2-olmo's own formats
         model, name = ai2_olmo.load_model(folder, checkpoint.format, manifest, device)
         kind = ai2_olmo.MODEL_KIND

@@ -112,12 +112,12 @@ def test_logits_equal_olmo_cores_own_forward_pass(run, olmo_core_python, tmp_pat
     olmo_core.run_child("forward", {"checkpoint": str(run / "step3"), "model": MODEL, "vocab_size": EMBEDDING_ROWS,
                                     "tokens": tokens, "out": str(tmp_path / "logits.npy")}, olmo_core_python)
     theirs = np.load(tmp_path / "logits.npy")
-    model, name = olmo_core.load_model(run / "step3")  # every embedding row
+    model, name = olmo_core.read_model(run / "step3")  # every embedding row
     with torch.no_grad():
         ours = model(torch.tensor(tokens)).logits.numpy()
     assert name == "run" and ours.shape == theirs.shape == (3, 24, EMBEDDING_ROWS)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
-    trimmed, _ = olmo_core.load_model(run / "step3", vocab_size=50280)  # eval's: the tokenizer's rows only
+    trimmed, _ = olmo_core.read_model(run / "step3", vocab_size=50280)  # eval's: the tokenizer's rows only
     with torch.no_grad():
         np.testing.assert_array_equal(trimmed(torch.tensor(tokens)).logits.numpy(), ours[..., :50280])
 

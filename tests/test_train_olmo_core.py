@@ -210,7 +210,7 @@ def test_two_fsdp_ranks_train_on_their_halves_stop_on_usr2_and_term_resume_and_t
         max(float((two[k] - one[k]).abs().max()) for k in one)
     from inject.trainers import olmo_core
 
-    model, _ = olmo_core.load_model(run / f"step{STEPS}")  # eval's in-process read of the sharded checkpoint
+    model, _ = olmo_core.read_model(run / f"step{STEPS}")  # eval's in-process read of the sharded checkpoint
     ours = dict(model.named_parameters())
     assert sorted(ours) == sorted(olmo_core.hf_name(k) for k in two)
     assert all(torch.equal(ours[olmo_core.hf_name(k)], two[k]) for k in two)  # = OLMo-core's own unsharding
@@ -252,7 +252,7 @@ def test_eval_reads_the_runs_checkpoints_with_olmo_cores_own_logits(oc_build, on
     model_block = yaml.safe_load((one_rank_run / "config.yaml").read_text())["model"]
     olmo_core.run_child("forward", {"checkpoint": str(last), "model": model_block, "vocab_size": model_block["vocab_size"],
                                     "tokens": tokens, "out": str(tmp_path / "logits.npy")}, str(olmo_core_python()))
-    model, _ = olmo_core.load_model(last)
+    model, _ = olmo_core.read_model(last)
     with torch.no_grad():
         ours = model(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(ours, np.load(tmp_path / "logits.npy"), atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ Implements so far: NAME, python, order, usable_instances, file_instances, order_
 order over the token files, or with an `OlmoCoreLoader` its own data loader through child.py `loader`),
 loader_source, check_train_config; training: RunConfig (the run config), config_trainer, load_run_config,
 resolve_train_config, render, launch (child.py `train`: OLMo-core's own Trainer), completed_step, checkpoint_steps;
-run_size (slurm's node choice); checkpoints: is_checkpoint, vocabulary, load_model (eval, in this process),
+run_size (slurm's node choice); checkpoints: is_checkpoint, vocabulary, load_model / read_model (eval, in this process),
 convert_checkpoint (OLMo-core's Hugging Face converter, in its environment), run_child.
 """
 
@@ -611,8 +611,8 @@ def run_size(config: Path, overrides: list[str], with_params: bool = True) -> tu
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 # eval's view of OLMo-core checkpoints: `is_checkpoint(folder)` (eval/checkpoints.py's format "olmo-core"),
-# `vocabulary(folder)`, `load_model(folder, device, vocab_size)` (in this process, into transformers' Olmo2ForCausalLM;
-# OLMo-core's own code is not needed), `convert_checkpoint(...)` (OLMo-core's Hugging Face converter, in its env).
+# `vocabulary(folder)`, `load_model(folder, fmt, manifest, device)` / `read_model(folder, device, vocab_size)` (in this
+# process, into transformers' Olmo2ForCausalLM; OLMo-core's own code is not needed), `convert_checkpoint(...)` (OLMo-core's Hugging Face converter, in its env).
 
 CHECKPOINT_DONE = ".metadata.json"
 """OLMo-core's Checkpointer writes it into stepN/ last: a step folder without it is a half-written save."""
@@ -764,7 +764,17 @@ def _no_init():
     return no_init_weights()
 
 
-def load_model(folder: Path, device: str = "cpu", vocab_size: int | None = None):
+def load_model(folder: Path, fmt: str, manifest: dict, device: str = "cpu"):
+    """(transformers Olmo2ForCausalLM, run name) of an OLMo-core checkpoint folder (eval's format "olmo-core") for
+    scoring on a build: its vocabulary and EOS checked against the build's tokenizer, `read_model` with the
+    tokenizer's rows."""
+    from . import check_vocabulary
+
+    check_vocabulary(folder, *vocabulary(folder), manifest)
+    return read_model(folder, device, manifest["tokenizer"]["vocab_size"])
+
+
+def read_model(folder: Path, device: str = "cpu", vocab_size: int | None = None):
     """(transformers Olmo2ForCausalLM, run name) of an OLMo-core checkpoint, read in this process: the model
     block from RUN/config.yaml, the weights of stepN/model_and_optim (torch distributed checkpoint: metadata by
     the restricted unpickler, tensors weights_only; the optimizer state is not read), renamed to transformers'
