@@ -87,22 +87,25 @@ class CompatTrainer(Trainer):
     def checkpoint_type(self) -> CheckpointType:
         return CheckpointType.unsharded if self.cfg.distributed_strategy == DistributedStrategy.ddp else CheckpointType.sharded
 
-    def train_step(self, batch: dict[str, Any], reduce_global_loss: bool = True) -> dict[str, float]:
-        metrics = super().train_step(batch, reduce_global_loss=reduce_global_loss)
+    def save_extra_checkpoint(self) -> None:
+        """The dense early checkpoints (1, 2, 4, ...) that OLMo's own intervals do not give."""
         interval = self.cfg.save_interval_unsharded if self.checkpoint_type() == CheckpointType.unsharded else self.cfg.save_interval
         regular = interval is not None and self.global_step % interval == 0
         if self.global_step in self.extra_checkpoint_steps and not regular:
             self.save_checkpoint(self.checkpoint_type())
-        return metrics
 
     def check_if_cancelled(self) -> tuple[bool, int]:
-        """OLMo's cancellation check, plus SIGUSR2/SIGTERM: the fit loop then stops and saves its final checkpoint."""
+        """OLMo's cancellation check, plus SIGUSR2/SIGTERM: the fit loop then stops and saves its final checkpoint.
+        Run after every step (the launcher sets canceled_check_interval: 1) on every rank, after the step's metrics
+        row is written: where the extra checkpoints are saved, so that a kill right after one loses no row."""
         from olmo.torch_util import synchronize_flag
 
         cancelled, extra_steps = super().check_if_cancelled()
         if not cancelled and synchronize_flag(self.stop_requested, self.device):
             log.warning("SIGUSR2/SIGTERM: stopping at step %d; the final checkpoint follows", self.global_step)
             return True, 0
+        if not cancelled:
+            self.save_extra_checkpoint()
         return cancelled, extra_steps
 
     def install_preemption_handler(self) -> None:
