@@ -74,3 +74,37 @@ def check_vocabulary(folder, vocab: int, eos: int | None, manifest: dict) -> Non
     if vocab < want_vocab or (eos is not None and eos != want_eos):
         raise InjectError(f"{folder}: vocabulary {vocab} / EOS {eos} do not fit the build's tokenizer "
                           f"{manifest['tokenizer']['name']} ({want_vocab} tokens, EOS {want_eos})")
+
+
+RESOLVED = "config.yaml"
+"""The resolved run config every trainer writes into its run folder."""
+
+
+def write_run_config(run_dir, text: str, parse) -> "Path":
+    """Write RUN/config.yaml (`text`); a run folder that holds another run's config is refused, naming the first
+    field that differs (`parse`: text -> nested dicts). Written through a per-process temporary file: one
+    launcher per node may write it at once."""
+    import os
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESOLVED
+    if path.exists() and path.read_text() != text:
+        difference = _first_difference(parse(path.read_text()), parse(text))
+        raise ConfigError(f"{run_dir}: holds a run with another config (first difference: {difference}); "
+                          f"use a new run folder")
+    tmp = path.with_name(f"{RESOLVED}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _first_difference(old, new, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"

@@ -12,7 +12,6 @@ launch, completed_step, final_step, final_checkpoint_markers (`olmo-inject train
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ from ..errors import ConfigError, InjectError
 from ..identity import bind_run
 from ..lock import folder_lock
 from ..order import FIRST_EPOCH, ai2_olmo_order
-from . import check_vocabulary
+from . import RESOLVED, check_vocabulary, write_run_config
 from .torchrun import run_workers
 
 NAME = "ai2-olmo"
@@ -185,7 +184,6 @@ def instance_filter_masks(tokens: np.ndarray) -> bool:
 # trainer behind and a second `train` on the same folder is refused. RUN/build.json records the build's identity
 # (`inject.identity`): a resume on a replaced build is refused.
 
-RESOLVED = "config.yaml"
 LOCK = ".lock"
 
 
@@ -239,26 +237,7 @@ def write_resolved(cfg, run_dir: Path) -> Path:
     """Write the run's config; an existing run folder must hold the same one (resume, not a new run)."""
     from omegaconf import OmegaConf
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESOLVED
-    text = render(cfg)
-    if path.exists() and path.read_text() != text:
-        old = OmegaConf.to_container(OmegaConf.load(path))
-        new = OmegaConf.to_container(OmegaConf.create(text))
-        raise ConfigError(f"{run_dir}: holds a run with another config (first difference: {_first_difference(old, new)}); "
-                          f"use a new run folder")
-    tmp = path.with_name(f"{RESOLVED}.{os.getpid()}.tmp")  # one launcher per node may write it at once
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
-def _first_difference(old, new, prefix: str = "") -> str:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+    return write_run_config(run_dir, render(cfg), lambda text: OmegaConf.to_container(OmegaConf.create(text)))
 
 
 def train(cfg, build_dir: Path, run_dir: Path, nproc: int | None = None, nnodes: int = 1,

@@ -34,6 +34,7 @@ from ..configtools import from_dict
 from ..errors import ConfigError, InjectError
 from ..injection import training_order
 from ..order import FIRST_EPOCH, olmo_core_num_instances, olmo_core_order
+from . import RESOLVED, write_run_config
 
 NAME = "olmo-core"
 CHILD = Path(__file__).with_name("olmo_core_env") / "child.py"
@@ -216,9 +217,6 @@ def _read_exact(child, size: int, errors, python: str) -> bytes:
 # the OLMo-core environment. Same guarantees as ai2-olmo's launcher (ai2_olmo.py): RUN/.lock, RUN/build.json,
 # a rerun resumes from the latest checkpoint with the same batches, a complete run trains nothing, SIGUSR2 and
 # SIGTERM save after the current step and stop.
-
-RESOLVED = "config.yaml"
-"""The resolved run config inside the run folder (eval reads `model` and `tokenizer` from it)."""
 
 LOCK = ".lock"
 
@@ -474,25 +472,7 @@ def write_resolved(cfg: RunConfig, run_dir: Path) -> Path:
     """Write RUN/config.yaml; a run folder that holds another run's config is refused (resume, not a new run)."""
     import yaml
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESOLVED
-    text = render(cfg)
-    if path.exists() and path.read_text() != text:
-        old, new = yaml.safe_load(path.read_text()), yaml.safe_load(text)
-        raise ConfigError(f"{run_dir}: holds a run with another config (first difference: {_first_difference(old, new)}); "
-                          f"use a new run folder")
-    tmp = path.with_name(f"{RESOLVED}.{os.getpid()}.tmp")  # one launcher per node may write it at once
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
-def _first_difference(old, new, prefix: str = "") -> str:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(old.keys() | new.keys()):
-            if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+    return write_run_config(run_dir, render(cfg), yaml.safe_load)
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
