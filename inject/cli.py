@@ -378,28 +378,18 @@ def cmd_train(args) -> int:
     from . import trainers
 
     olmo_core = trainers.get("olmo-core")
-    if olmo_core.config_trainer(args.config) == olmo_core.NAME:  # else an ai2-olmo TrainConfig (no `trainer` key)
-        return _train_olmo_core(args)
-
-    trainer = trainers.get("ai2-olmo")  # an ai2-olmo TrainConfig: it refuses a build made for another trainer
+    # A config with `trainer: olmo-core` is an OLMo-core run config; else an ai2-olmo TrainConfig (it refuses a
+    # build made for another trainer).
+    is_olmo_core = olmo_core.config_trainer(args.config) == olmo_core.NAME
+    trainer = olmo_core if is_olmo_core else trainers.get("ai2-olmo")
     cfg = trainer.resolve_train_config(args.config, args.data, args.run, args.overrides)
     if args.dry_run:
         print(trainer.render(cfg))
         return 0
-    code = trainer.train(cfg, args.data, args.run, args.nproc, args.nnodes, args.rendezvous)
-    if code:
-        raise InjectError(f"training exited with code {code}; rerun the same command to resume from the latest checkpoint")
-
-
-def _train_olmo_core(args) -> int:
-    from . import trainers
-
-    olmo_core = trainers.get("olmo-core")
-    cfg = olmo_core.resolve_train_config(args.config, args.data, args.run, args.overrides)
-    if args.dry_run:
-        print(olmo_core.render(cfg))
-        return 0
-    code = olmo_core.launch(cfg, args.run, args.nproc, args.nnodes, args.rendezvous, args.olmo_core_python)
+    if is_olmo_core:
+        code = olmo_core.launch(cfg, args.run, args.nproc, args.nnodes, args.rendezvous, args.olmo_core_python)
+    else:
+        code = trainer.train(cfg, args.data, args.run, args.nproc, args.nnodes, args.rendezvous)
     if code:
         raise InjectError(f"training exited with code {code}; rerun the same command to resume from the latest checkpoint")
     return 0
