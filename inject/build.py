@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -137,7 +138,7 @@ def _tokenize_dolma(job: TokenizeJob, path: Path, work_dir: Path) -> dict:
                 batch.append(text)
                 continue
             ids = tok.encode_documents(job.tokenizer, batch)
-            flat = np.fromiter((t for doc in ids for t in doc), dtype=job.dtype, count=sum(map(len, ids)))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=job.dtype, count=sum(map(len, ids)))
             # A document whose text spells the EOS token gets an EOS inside it: count it, it splits the document.
             eos_in_text += int(np.count_nonzero(flat == eos)) - len(ids)
             out.write(flat.tobytes())
