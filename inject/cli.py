@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
                    ".venv-olmo-core/bin/python)")
     p.add_argument("--ranks", type=int, default=1, help="with --olmo-core-python: data-parallel ranks the loader "
                    "serves, each batch checked as their rows together (default: 1)")
+    p.add_argument("--replay-loader", action="store_true", help="an ai2-olmo build: read every checked batch through "
+                   "ai2-olmo's whole training DataLoader (collator, repetition filter on every instance; slower) instead "
+                   "of its dataset's order with the instances read from the token files")
 
     p = _sub(sub, "eval", "score a run's checkpoints on the build's seen, pending and held-out instances (skips finished steps)",
              "olmo-inject eval runs/tiny --data olmo-inject-demo/build --seen 200 --pending 200 --held-out 200")
@@ -401,8 +404,10 @@ def cmd_verify(args) -> int:
 
     if args.ranks != 1 and not args.olmo_core_python:
         raise InjectError("--ranks: only with --olmo-core-python (ai2-olmo's loader is replayed as one rank)")
-    own_loader = (trainers.get("olmo-core").OlmoCoreLoader(args.olmo_core_python, args.ranks)
-                  if args.olmo_core_python else None)
+    if args.replay_loader and args.olmo_core_python:
+        raise InjectError("--replay-loader: ai2-olmo's loader; --olmo-core-python already replays OLMo-core's own")
+    own_loader = (trainers.get("olmo-core").OlmoCoreLoader(args.olmo_core_python, args.ranks) if args.olmo_core_python
+                  else trainers.get("ai2-olmo").FullLoader() if args.replay_loader else None)
     report = run_verify(args.build_dir, args.train_config, args.sample, args.seed, args.workers, own_loader)
     print(report.summary())
     return 0 if report.ok else 1

@@ -1,9 +1,14 @@
 """`olmo-inject verify`: replay ai2-olmo's own training data loader over a build and check it against
 the plan and the ledger.
 
+Examples are compared as token ids: each ledger example is encoded once (ExampleTokens) and compared with the
+tokens where the ledger puts it; only segments that are not such an example and could parse as one
+(SegmentFilter) are decoded and parsed, so what is found and counted is what parsing every segment finds.
+
 Checks, each reported with the step/instance/file it concerns:
   order     the batches come from the build's trainer's module (inject/trainers: `loader_batches`): ai2-olmo's
-            `olmo.data.build_train_dataloader` (MemMapDataset + IterableDataset);
+            `olmo.data.build_train_dataloader`: its IterableDataset's order and its MemMapDataset's file offsets,
+            the instances read from the token files (with --replay-loader: every batch out of the DataLoader);
             for a build made for OLMo-core (training.trainer: olmo-core), from OLMo-core 3.0.0's order as
             inject/order.py computes it, read from the token files, or with --olmo-core-python from OLMo-core's
             own NumpyFSLDataLoader in that environment (each rank's rows also compared with inject/order.py's
@@ -28,6 +33,7 @@ import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +175,22 @@ class BuildView:
                 return (spec, *found)
         return None
 
+    @cached_property
+    def examples(self) -> "ExampleTokens":
+        """The token ids of the examples the ledger names, encoded once each (kept for the whole run)."""
+        return ExampleTokens(self)
+
+    @cached_property
+    def segments(self) -> "SegmentFilter":
+        """Which segments could parse as an example at all (token-level; decoding only those)."""
+        return SegmentFilter(self)
+
+    @cached_property
+    def first_spec_of_group(self) -> np.ndarray:
+        """spec -> the first spec of its rendering group: the spec `parse` names for a segment of that group."""
+        first = {}
+        return np.array([first.setdefault(g, spec) for spec, g in enumerate(self.group_of_spec)], dtype=np.int64)
+
     @property
     def placement(self) -> str:
         return self.manifest["injection"]["placement"]
@@ -183,12 +205,15 @@ class BuildView:
 
     def find_block(self, row: np.ndarray) -> list[tuple[int, int, int, int, bool]]:
         """Examples at the start of an instance: (offset, spec, item, template, correct) each."""
-        found = []
         if len(row) == 0 or row[0] != self.eos:
-            return found
-        position = 1
+            return []
+        return self.walk_block(row, 1)
+
+    def walk_block(self, row: np.ndarray, position: int) -> list[tuple[int, int, int, int, bool]]:
+        """The run of examples from `position` on, one per EOS-terminated segment, up to the first that does not parse."""
+        found = []
         eos_positions = np.flatnonzero(row == self.eos)
-        for end in eos_positions[eos_positions >= 1]:
+        for end in eos_positions[eos_positions >= position]:
             parsed = self.parse(row[position:end])
             if parsed is None:
                 break
@@ -212,6 +237,127 @@ def _member(sorted_values: np.ndarray, items) -> np.ndarray:
     items = np.atleast_1d(np.asarray(items, dtype=np.int64))
     where = np.minimum(np.searchsorted(sorted_values, items), max(len(sorted_values) - 1, 0))
     return (sorted_values[where] == items) if len(sorted_values) else np.zeros(len(items), dtype=bool)
+
+
+class ExampleTokens:
+    """The token ids (closing EOS excluded) of examples named by (spec, item, template), each distinct one encoded
+    once per process, one tokenizer call per task and lookup; kept in one flat array so that whole batches of
+    ledger rows are compared with the token files in a few vectorized operations."""
+
+    def __init__(self, view: "BuildView"):
+        self.view = view
+        self.group = np.asarray(view.group_of_spec, dtype=np.int64)
+        self.slot_of: dict[tuple[int, int, int], int] = {}  # (rendering group, template, item) -> slot
+        self.tokens = np.zeros(1 << 16, dtype=np.int32)
+        self.start = np.zeros(1 << 10, dtype=np.int64)
+        self.length = np.zeros(1 << 10, dtype=np.int64)
+        self.slots = self.used = 0
+
+    def lookup(self, spec: np.ndarray, item: np.ndarray, template: np.ndarray) -> np.ndarray:
+        """Slots of the examples (encoding the ones not seen before); their tokens are
+        tokens[start[slot] : start[slot] + length[slot]]."""
+        keys = list(zip(self.group[np.asarray(spec, dtype=np.int64)].tolist(), np.asarray(template).tolist(),
+                        np.asarray(item).tolist()))
+        slots = np.fromiter((self.slot_of.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        missing = np.flatnonzero(slots < 0)
+        if len(missing):
+            first_of = {}
+            for r in missing.tolist():
+                first_of.setdefault(keys[r], r)
+            new = np.array(list(first_of.values()), dtype=np.int64)
+            spec = np.asarray(spec)
+            for one in np.unique(spec[new]):
+                rows = new[spec[new] == one]
+                encoded = self.view.encoders[int(one)].encode_many(np.asarray(item)[rows], np.asarray(template)[rows])
+                for r, ids in zip(rows.tolist(), encoded):
+                    self.slot_of[keys[r]] = self._add(ids)
+            slots[missing] = [self.slot_of[keys[r]] for r in missing.tolist()]
+        return slots
+
+    def _add(self, ids: np.ndarray) -> int:
+        if self.slots == len(self.start):
+            self.start, self.length = np.resize(self.start, 2 * self.slots), np.resize(self.length, 2 * self.slots)
+        while self.used + len(ids) > len(self.tokens):
+            self.tokens = np.resize(self.tokens, 2 * len(self.tokens))
+        self.tokens[self.used : self.used + len(ids)] = ids
+        self.start[self.slots], self.length[self.slots] = self.used, len(ids)
+        self.used += len(ids)
+        self.slots += 1
+        return self.slots - 1
+
+    def match(self, slots: np.ndarray, tokens: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """Whether tokens[at[k] : at[k] + n] is example slots[k] followed by EOS (n its length), for each k; `tokens`
+        a flat array, `at` positions in it with room for the example and its EOS (the caller checks)."""
+        n = self.length[slots]
+        same = tokens[at + n] == self.view.eos
+        k = np.flatnonzero(same & (n > 0))
+        if len(k):
+            firsts = np.cumsum(n[k]) - n[k]
+            within = np.arange(int(n[k].sum())) - np.repeat(firsts, n[k])
+            equal = tokens[np.repeat(at[k], n[k]) + within] == self.tokens[np.repeat(self.start[slots[k]], n[k]) + within]
+            same[k] = np.logical_and.reduceat(equal, firsts)
+        same[n == 0] = False
+        return same
+
+
+class SegmentFilter:
+    """A sound, token-level test of whether an EOS-delimited segment could parse as an example of some task, so
+    that only those are decoded: a `tokens` task's examples have exactly (numbers + 1) tokens; a text example's
+    decoded text starts with its template's leading literal, so its first token, decoded alone, is a prefix of
+    that literal or starts with it (byte-level decoding: the text of a segment starts with the text of its first
+    token when that token decodes to whole characters; tokens that do not are always let through)."""
+
+    def __init__(self, view: "BuildView"):
+        self.lengths: set[int] = set()
+        prefixes: set[str] = set()
+        for spec, encoder in enumerate(view.encoders):
+            if view.first_spec_of_group[spec] != spec:
+                continue
+            if encoder.config.encoding == "tokens":
+                self.lengths.add(len(encoder.task.instance(0)) + 1)
+            else:
+                prefixes.update(_leading_literal(encoder.task, t) for t in encoder.templates)
+        self.first_token_ok = None
+        if prefixes:
+            import re
+
+            from . import tokenizer as tok
+
+            base = tok.load(view.manifest["tokenizer"]["name"]).base_tokenizer
+            texts = base.decode_batch([[t] for t in range(base.get_vocab_size())], skip_special_tokens=False)
+            digit = re.compile(r"\d")
+
+            def may_start(text: str) -> bool:
+                if not text or "\ufffd" in text:
+                    return True
+                return any(p.startswith(text) or text.startswith(p) if p else bool(digit.match(text)) for p in prefixes)
+
+            self.first_token_ok = np.array([may_start(t) for t in texts], dtype=bool)
+
+    def may_parse(self, first_token: np.ndarray, length: np.ndarray) -> np.ndarray:
+        """For segments given by their first token and length (tokens, EOS excluded): False where none can parse."""
+        length = np.asarray(length)
+        out = np.isin(length, list(self.lengths)) if self.lengths else np.zeros(len(length), dtype=bool)
+        if self.first_token_ok is not None:
+            first = np.asarray(first_token).astype(np.int64)
+            known = first < len(self.first_token_ok)
+            out |= (length > 0) & (~known | self.first_token_ok[np.where(known, first, 0)])
+        return out
+
+
+def _leading_literal(task, template: str) -> str:
+    """The fixed text a rendered template starts with: its literal text up to the first number or answer field."""
+    import string
+
+    out = ""
+    for literal, name, _, _ in string.Formatter().parse(template):
+        out += literal
+        if name is None:
+            continue
+        if name != "p":
+            break
+        out += str(getattr(task, "modulus", ""))
+    return out
 
 
 def check_train_config(manifest: dict, path: Path, report: Report) -> None:
@@ -280,50 +426,141 @@ def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int], own_loa
 
 
 def _check_batch(view, rows, batch, step, planned, report, use_filter, longest) -> None:
+    """The checks of one batch (`order`, `filter`, `ledger`, held-out ledger rows), vectorized: the ledger's examples
+    are compared with the batch's tokens as token ids; only segments that are not a ledger example and could
+    parse as one (SegmentFilter) are decoded, as `find_examples` would decode them."""
     ids = np.asarray(batch["input_ids"])
     index = np.asarray(batch["index"]).astype(np.int64)
-    found = np.zeros(len(planned), dtype=np.int64)
-    found_at = {}
-    for r in range(len(ids)):
-        block = view.find_examples(ids[r], longest)
-        for offset, spec, item, template, correct in block:
-            found[view.group_of_spec[spec]] += 1
-            found_at[(int(index[r]), offset)] = (spec, item, template)
-            if not correct:
-                report.fail("order", f"step {step}: instance {index[r]} offset {offset}: example with a wrong answer")
-        if use_filter and "instance_mask" in batch and not bool(batch["instance_mask"][r]) and block:
-            report.fail("filter", f"step {step}: instance {index[r]} holds examples and OLMo's repetition filter masks it")
+    L = ids.shape[1]
+    flat = ids.reshape(-1)
+    batch_row, present = _rows_in_batch(index, rows["instance"].astype(np.int64))
+    offset = rows["offset"].astype(np.int64)
+    slots = view.examples.lookup(rows["spec"], rows["item"], rows["template"])
+    n = view.examples.length[slots]
+    at = batch_row * L + offset
+    fits = present & (rows["length"].astype(np.int64) == n + 1) & (offset + n < L)
+    fits &= (offset == 0) | (flat[np.where(fits & (offset > 0), at - 1, 0)] == view.eos)
+    matched = fits.copy()
+    matched[fits] = view.examples.match(slots[fits], flat, at[fits])
+    if len(np.unique(index)) == len(index):
+        found, holding, parsed = _found_examples(view, ids, rows, matched, batch_row, longest)
+    else:  # an instance twice in one batch: each copy is searched on its own, as find_examples does
+        found, holding, parsed = _found_examples_slowly(view, ids, longest)
+    events = [(r, o, "order", f"step {step}: instance {index[r]} offset {o}: example with a wrong answer")
+              for r, o, spec, item, template, correct in parsed if not correct]
+    if use_filter and holding.any():
+        held_rows = np.flatnonzero(holding)
+        if "instance_mask" in batch:
+            masked = ~np.asarray(batch["instance_mask"]).astype(bool)[held_rows]
+        else:
+            masked = batch["instance_filter"](ids[held_rows]) if "instance_filter" in batch else np.zeros(len(held_rows), bool)
+        events += [(int(r), L, "filter", f"step {step}: instance {index[r]} holds examples and OLMo's repetition filter masks it")
+                   for r in held_rows[masked]]
+    for _, _, kind, message in sorted(events, key=lambda e: (e[0], e[1])):
+        report.fail(kind, message)
     for g, name in enumerate(view.group_names):
         if found[g] != planned[g]:
             report.fail("order", f"step {step} (batch {step - 1}): {name}: found {found[g]} examples in the batch, the plan says {planned[g]}")
-    row_of_instance = {int(i): r for r, i in enumerate(index)}
-    expected_examples = _encode_rows(view, rows)
-    for row, expected in zip(rows, expected_examples):
-        instance, offset = int(row["instance"]), int(row["offset"])
-        if instance not in row_of_instance:
+    held = np.zeros(len(rows), dtype=bool)
+    for spec in np.unique(rows["spec"]):
+        where = np.flatnonzero(rows["spec"] == spec)
+        held[where] = view.held(int(spec), rows["item"][where])
+    for k in np.flatnonzero(~present | ~matched | held).tolist():
+        row = rows[k]
+        instance = int(row["instance"])
+        if not present[k]:
             report.fail("ledger", f"step {step}: ledger row for instance {instance} but that instance is not in the batch")
             continue
-        tokens = ids[row_of_instance[instance]]
-        spec = int(row["spec"])
-        end = offset + len(expected)
-        ok = (int(row["length"]) == len(expected) + 1 and (offset == 0 or tokens[offset - 1] == view.eos) and end < len(tokens)
-              and np.array_equal(tokens[offset:end], expected) and tokens[end] == view.eos)
-        if not ok:
-            report.fail("ledger", f"step {step}: instance {instance} offset {offset}: tokens are not the example the ledger names "
-                                  f"({view.manifest['injection']['tasks'][spec]['name']} item {int(row['item'])})")
-        if view.held(spec, int(row["item"]))[0]:
+        if not matched[k]:
+            report.fail("ledger", f"step {step}: instance {instance} offset {int(row['offset'])}: tokens are not the example the "
+                                  f"ledger names ({view.manifest['injection']['tasks'][int(row['spec'])]['name']} item {int(row['item'])})")
+        if held[k]:
             report.fail("held-out", f"step {step}: ledger row injects held-out item {int(row['item'])}")
 
 
-def _encode_rows(view: BuildView, rows: np.ndarray) -> list[np.ndarray]:
-    """The tokens each ledger row names, encoded one call per task (the tokenizer batches the text)."""
-    expected: list = [None] * len(rows)
-    for spec in np.unique(rows["spec"]):
-        where = np.flatnonzero(rows["spec"] == spec)
-        encoded = view.encoders[int(spec)].encode_many(rows["item"][where], rows["template"][where])
-        for r, tokens in zip(where, encoded):
-            expected[r] = tokens
-    return expected
+def _rows_in_batch(index: np.ndarray, instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row of the batch holding each instance, the last one if twice; whether it is in the batch)."""
+    order = np.argsort(index, kind="stable")
+    ordered = index[order]
+    where = np.maximum(np.searchsorted(ordered, instances, side="right") - 1, 0)
+    present = (ordered[where] == instances) if len(index) else np.zeros(len(instances), dtype=bool)
+    return order[where] if len(index) else np.zeros(len(instances), np.int64), present
+
+
+def _found_examples(view, ids, rows, matched, batch_row, longest):
+    """(examples found per rendering group, whether each batch row holds any, the examples that had to be parsed as
+    (row, offset, spec, item, template, correct)): what `find_examples` finds in every row of the batch. A ledger
+    example matched token for token is what parsing its segment would find; every other segment that
+    `find_examples` would parse, and that could parse at all, is parsed."""
+    B, L = ids.shape
+    flat, eos = ids.reshape(-1), view.eos
+    group = np.asarray(view.group_of_spec, dtype=np.int64)
+    found = np.zeros(len(view.group_names), dtype=np.int64)
+    holding = np.zeros(B, dtype=bool)
+    parsed = []
+    ends = np.flatnonzero(flat == eos)
+    if view.placement == "document-boundary":
+        known = np.flatnonzero(matched)
+        np.add.at(found, group[rows["spec"][known].astype(np.int64)], 1)
+        holding[batch_row[known]] = True
+        previous = np.concatenate([[-1], ends[:-1]])
+        starts = np.where((previous >= 0) & (previous // L == ends // L), previous + 1, ends // L * L)
+        lengths = ends - starts
+        keep = (lengths > 0) & (lengths <= longest) & ~np.isin(starts, batch_row[known] * L + rows["offset"][known])
+        keep[keep] = view.segments.may_parse(flat[starts[keep]], lengths[keep])
+        for start, end in zip(starts[keep].tolist(), ends[keep].tolist()):
+            result = view.parse(flat[start:end])
+            if result is not None:
+                parsed.append((start // L, start % L, *result))
+    else:
+        chain = _leading_chain(rows, matched, batch_row)
+        np.add.at(found, group[rows["spec"][chain].astype(np.int64)], 1)
+        holding[batch_row[chain]] = True
+        position = np.ones(B, dtype=np.int64)  # where the walk of each row goes on after the ledger's examples
+        np.add.at(position, batch_row[chain], rows["length"][chain].astype(np.int64))
+        walked = np.flatnonzero(ids[:, 0] == eos)
+        starts = walked * L + position[walked]
+        nxt = np.searchsorted(ends, starts)
+        has_end = nxt < len(ends)
+        has_end[has_end] = ends[nxt[has_end]] < (walked[has_end] + 1) * L
+        walked, starts = walked[has_end], starts[has_end]
+        lengths = ends[nxt[has_end]] - starts
+        walk = view.segments.may_parse(flat[np.minimum(starts, len(flat) - 1)], lengths)
+        for r, start in zip(walked[walk].tolist(), starts[walk].tolist()):
+            for offset, *result in view.walk_block(ids[r], start - r * L):
+                parsed.append((r, offset, *result))
+    for r, offset, spec, item, template, correct in parsed:
+        found[view.group_of_spec[spec]] += 1
+        holding[r] = True
+    return found, holding, sorted(parsed, key=lambda p: (p[0], p[1]))
+
+
+def _leading_chain(rows, matched, batch_row) -> np.ndarray:
+    """The ledger rows (indices) that `find_block`'s walk meets one after another from offset 1 of their instance:
+    matched token for token, the first at offset 1, each next one right after the previous one's EOS."""
+    k = np.flatnonzero(matched)
+    offset, length, r = rows["offset"][k].astype(np.int64), rows["length"][k].astype(np.int64), batch_row[k]
+    order = np.lexsort((offset, r))
+    k, offset, length, r = k[order], offset[order], length[order], r[order]
+    first = np.concatenate([[True], r[1:] != r[:-1]]) if len(k) else np.zeros(0, dtype=bool)
+    follows = np.where(first, offset == 1, offset == np.concatenate([[0], offset[:-1] + length[:-1]]))
+    breaks = (~follows).astype(np.int64)
+    broken = np.cumsum(breaks)
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(k)), 0))
+    return k[broken - (broken[group_start] - breaks[group_start]) == 0]
+
+
+def _found_examples_slowly(view, ids, longest):
+    """_found_examples' result, parsing every candidate segment of every row (`find_examples`)."""
+    found = np.zeros(len(view.group_names), dtype=np.int64)
+    holding = np.zeros(len(ids), dtype=bool)
+    parsed = []
+    for r in range(len(ids)):
+        for offset, spec, item, template, correct in view.find_examples(ids[r], longest):
+            found[view.group_of_spec[spec]] += 1
+            holding[r] = True
+            parsed.append((r, offset, spec, item, template, correct))
+    return found, holding, parsed
 
 
 def check_ledger_against_plan(view: BuildView, ledger: np.ndarray, report: Report) -> None:
@@ -349,7 +586,7 @@ def check_held_out(view: BuildView, ledger: np.ndarray, report: Report, workers:
     jobs = [(str(view.path), part.tolist(), longest) for part in np.array_split(np.array(chunks, dtype=np.int64).reshape(-1, 2),
                                                                                 max(1, workers)) if len(part)]
     if len(jobs) == 1:
-        results = [_held_out_in(jobs[0], view)]
+        results = [_held_out_in(jobs[0], view, ledger)]
     else:
         results = _in_processes(_held_out_in, jobs)
     parsed = held = 0
@@ -362,38 +599,92 @@ def check_held_out(view: BuildView, ledger: np.ndarray, report: Report, workers:
 HELD_OUT_CHUNK = 1 << 24
 
 
-def _held_out_in(job: tuple, view: BuildView | None = None) -> tuple[Report, int, int]:
-    """The held-out check over some (file, chunk start) pieces: (failures, segments parsed, held-out found)."""
+def _held_out_in(job: tuple, view: BuildView | None = None, ledger: np.ndarray | None = None) -> tuple[Report, int, int]:
+    """The held-out check over some (file, chunk start) pieces: (failures, segments parsed, held-out found). A segment
+    that is the ledger's example at its place, token for token, is that example; the others that could parse as one
+    (SegmentFilter) are parsed."""
     build_dir, pieces, longest = job
     view = view or BuildView.load(Path(build_dir))
+    ledger = read_ledger(build_dir) if ledger is None else ledger
     report, parsed, held = Report(), 0, 0
     outputs = _open_outputs(view)
+    positions = _ledger_positions(view, ledger)
+    first_instance = np.concatenate([[0], np.cumsum([f["tokens"] // view.manifest["sequence_length"]
+                                                     for f in view.manifest["outputs"]])])
     for f, start in pieces:
         tokens, name = outputs[f], view.manifest["outputs"][f]["path"]
-        chunk = np.asarray(tokens[max(start - longest, 0) : start + HELD_OUT_CHUNK])
         base = max(start - longest, 0)
+        chunk = np.asarray(tokens[base : start + HELD_OUT_CHUNK])
         ends = np.flatnonzero(chunk == view.eos)
         starts = np.concatenate([[-1], ends[:-1]]) + 1
         lengths = ends - starts
         keep = (lengths >= 2) & (lengths <= longest) & (base + ends >= start)
-        for s, e in zip(starts[keep], ends[keep]):
-            if s == 0 and base > 0 and tokens[base - 1] != view.eos:
-                continue  # the middle of a segment that began before this chunk
-            found = view.parse(chunk[s:e])
-            if found is None:
-                continue
-            parsed += 1
-            spec, item = found[0], found[1]
-            task_name = view.manifest["injection"]["tasks"][spec]["name"]
-            if view.held(spec, item)[0]:
-                held += 1
-                report.fail("held-out", f"{name}: held-out {task_name} item {item} at token {base + s}")
-            elif view.split_of(spec) == "symmetric" and view.twin_held(spec, item)[0]:
-                held += 1
-                twin = view.encoders[spec].task.instance(view.held_twin(spec, item))
-                report.fail("held-out", f"{name}: {task_name} item {item} {view.encoders[spec].task.instance(item)} at "
-                                        f"token {base + s}, whose twin {twin} is held out")
+        if base > 0 and tokens[base - 1] != view.eos:
+            keep &= starts != 0  # the middle of a segment that began before this chunk
+        starts, ends = starts[keep], ends[keep]
+        row_of = positions.at(first_instance[f] * view.manifest["sequence_length"] + base + starts)
+        matched = np.zeros(len(starts), dtype=bool)
+        where = np.flatnonzero(row_of >= 0)
+        where = where[ledger["length"][row_of[where]].astype(np.int64) - 1 == ends[where] - starts[where]]
+        if len(where):
+            rows = row_of[where]
+            slots = view.examples.lookup(ledger["spec"][rows], ledger["item"][rows], ledger["template"][rows])
+            matched[where] = view.examples.match(slots, chunk, starts[where])
+        rows = row_of[matched]
+        found_at = [starts[matched]]
+        found_spec = [view.first_spec_of_group[ledger["spec"][rows].astype(np.int64)]]
+        found_item = [ledger["item"][rows]]
+        candidates = np.flatnonzero(~matched)
+        candidates = candidates[view.segments.may_parse(chunk[starts[candidates]], ends[candidates] - starts[candidates])]
+        for c in candidates.tolist():
+            found = view.parse(chunk[starts[c] : ends[c]])
+            if found is not None:
+                found_at.append(np.array([starts[c]]))
+                found_spec.append(np.array([found[0]]))
+                found_item.append(np.array([found[1]]))
+        at, spec, item = (np.concatenate(x).astype(np.int64) for x in (found_at, found_spec, found_item))
+        order = np.argsort(at, kind="stable")
+        at, spec, item = at[order], spec[order], item[order]
+        parsed += len(at)
+        is_held, twin = np.zeros(len(at), dtype=bool), np.zeros(len(at), dtype=bool)
+        for one in np.unique(spec).tolist():
+            where = np.flatnonzero(spec == one)
+            is_held[where] = view.held(one, item[where])
+            if view.split_of(one) == "symmetric":
+                twin[where] = ~is_held[where] & view.twin_held(one, item[where])
+        for k in np.flatnonzero(is_held | twin).tolist():
+            s, one, it = int(at[k]), int(spec[k]), int(item[k])
+            task_name = view.manifest["injection"]["tasks"][one]["name"]
+            held += 1
+            if is_held[k]:
+                report.fail("held-out", f"{name}: held-out {task_name} item {it} at token {base + s}")
+            else:
+                twin_instance = view.encoders[one].task.instance(view.held_twin(one, it))
+                report.fail("held-out", f"{name}: {task_name} item {it} {view.encoders[one].task.instance(it)} at "
+                                        f"token {base + s}, whose twin {twin_instance} is held out")
     return report, parsed, held
+
+
+class _LedgerPositions:
+    """The ledger's rows by where their example starts (instance * L + offset), for lookups by token position."""
+
+    def __init__(self, ledger: np.ndarray, L: int):
+        keys = ledger["instance"].astype(np.int64) * L + ledger["offset"].astype(np.int64)
+        self.order = np.argsort(keys, kind="stable")
+        self.keys = keys[self.order]
+
+    def at(self, keys: np.ndarray) -> np.ndarray:
+        """The ledger row of an example starting at each position, -1 where none does."""
+        where = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
+        if not len(self.keys):
+            return np.full(len(keys), -1, dtype=np.int64)
+        return np.where(self.keys[where] == keys, self.order[where], -1)
+
+
+def _ledger_positions(view: BuildView, ledger: np.ndarray) -> _LedgerPositions:
+    if "_ledger_positions" not in view.__dict__:
+        view.__dict__["_ledger_positions"] = _LedgerPositions(ledger, view.manifest["sequence_length"])
+    return view.__dict__["_ledger_positions"]
 
 
 def check_held_out_twins(view: BuildView, ledger: np.ndarray, report: Report) -> None:

@@ -82,6 +82,31 @@ def test_verify_passes_on_builds(tmp_path, corpus_dir, capsys, name):
     assert "verify: OK" in out
     steps = manifest["injection"]["training"]["steps"]
     assert f"batches checked: {steps} of {steps}" in out
+    # verify decodes only the segments its token-level pre-check lets through: every segment that parses is one.
+    from inject.verify import BuildView
+
+    view = BuildView.load(out_dir)
+    tokens = np.concatenate([np.fromfile(out_dir / f["path"], dtype=np.uint16) for f in manifest["outputs"]])
+    ends = np.flatnonzero(tokens == view.eos)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    short = ends - starts <= 64
+    starts, ends = starts[short], ends[short]
+    parses = np.array([view.parse(tokens[a:b]) is not None for a, b in zip(starts, ends)])
+    may = view.segments.may_parse(tokens[np.minimum(starts, len(tokens) - 1)], ends - starts)
+    assert parses.any() and not (parses & ~may).any()
+    assert may.sum() < len(may)
+
+
+def test_a_segment_decodes_to_text_that_starts_with_its_first_tokens_text():
+    """What SegmentFilter relies on (byte-level decoding), over random token sequences."""
+    from inject import tokenizer as tok
+
+    tokenizer = tok.load("allenai/gpt-neox-olmo-dolma-v1_5")
+    rng = np.random.default_rng(0)
+    for ids in rng.integers(0, 50280, (3000, 6)).tolist():
+        first = tokenizer.decode(ids[:1], skip_special_tokens=False)
+        if "\ufffd" not in first:
+            assert tokenizer.decode(ids, skip_special_tokens=False).startswith(first), ids
 
 
 def test_sequence_start_insert_keeps_every_dolma_token_in_order(tmp_path, corpus_dir):
@@ -194,6 +219,13 @@ def test_verify_names_the_batch_of_a_dropped_or_moved_example(tmp_path, corpus_d
     # Two processes share the batches and the held-out scan and report exactly what one process does.
     assert run_cli("verify", tmp_path / "moved", "--workers", "2") == 1
     assert capsys.readouterr().out == out
+    # ai2-olmo's whole DataLoader (collator, filter on every instance) finds the same failures as its order with the
+    # instances read from the files.
+    assert run_cli("verify", tmp_path / "moved", "--replay-loader", "--sample", 100) == 1
+    replayed = capsys.readouterr().out
+    assert "(ai2-olmo build_train_dataloader, replayed in full)" in replayed
+    assert [line for line in replayed.splitlines() if "batches checked" not in line] == \
+        [line for line in out.splitlines() if "batches checked" not in line]
 
 
 def test_verify_finds_a_held_out_instance_and_changed_dolma(tmp_path, corpus_dir, capsys):

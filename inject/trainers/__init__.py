@@ -17,7 +17,9 @@ provides (module-level functions; a module is the implementation, no classes to 
                                           train refuse others)
     loader_batches(manifest, steps, use_filter, report, own_loader=None) / loader_source(own_loader=None)
                                           (step, batch with `input_ids` and `index`) as the trainer's OWN data loader
-                                          yields them: verify's independent replay; and what verify reports it read
+                                          yields them: verify's independent replay (the order from the loader's own
+                                          code, the tokens possibly read straight from the files; `own_loader`: the
+                                          whole loader run); and what verify reports it read
     check_train_config(manifest, path, report)
                                           verify --train-config: the run config's order fields against the build
     resolve_train_config(config, build, run, overrides) / render(cfg)

@@ -137,13 +137,96 @@ def check_train_config(manifest: dict, path: Path, report) -> None:
     report.checked["train config"] = str(path)
 
 
+class FullLoader:
+    """verify --replay-loader: read the batches through ai2-olmo's whole training DataLoader (its dataset's
+    __getitem__, the collator, the repetition filter on every instance), as training does."""
+
+    def check(self, build: Path, manifest: dict) -> None:
+        """Refuse a build made for another trainer's order (InjectError naming the option)."""
+        from . import name_of
+
+        if name_of(manifest) != NAME:
+            raise InjectError(f"--replay-loader: {build} was built for {name_of(manifest)}'s order; ai2-olmo's loader "
+                              f"would not read it as planned (OLMo-core's own loader: --olmo-core-python)")
+
+
 def loader_source(own_loader=None) -> str:
     """What verify's batches came from (its report line)."""
-    return "ai2-olmo build_train_dataloader"
+    if isinstance(own_loader, FullLoader):
+        return "ai2-olmo build_train_dataloader, replayed in full"
+    return "ai2-olmo build_train_dataloader's instance order, instances read from the token files"
 
 
 def loader_batches(manifest: dict, chosen: list[int], use_filter: bool, report, own_loader=None):
-    """(step, batch) of ai2-olmo's own training data loader over the build, one rank (`own_loader`: none here)."""
+    """(step, batch) of ai2-olmo's own training data loader over the build, one rank.
+
+    By default the order comes from the loader's own IterableDataset (`get_global_indices`, sliced for rank 0 of 1
+    as its `__iter__` slices it) and each instance's file from its MemMapDataset (`offsets`); the instances'
+    tokens are then read from the memory-mapped token files (what MemMapDataset.__getitem__ reads, without the
+    per-instance tensors and collator), and the batch carries `instance_filter`, the dataset's own repetition filter
+    to apply to the instances that need it. With `own_loader=FullLoader()` every batch comes out of the DataLoader
+    itself (with `instance_mask` from the filter when `use_filter`)."""
+    if isinstance(own_loader, FullLoader):
+        yield from _replayed_batches(manifest, chosen, use_filter)
+        return
+    from olmo.data import build_train_dataloader
+
+    B = manifest["injection"]["training"]["global_batch_size"]
+    with tempfile.TemporaryDirectory() as save_folder:
+        loader = build_train_dataloader(train_config_for(manifest, save_folder, use_filter), world_size=1, rank=0, fs_local_rank=0)
+        iterable, dataset = loader.dataset, loader.dataset.dataset
+        indices = iterable.get_global_indices()
+        indices = np.asarray(indices[iterable.rank : iterable.total_size : iterable.world_size])  # as __iter__ slices
+        files = _instance_files(dataset)
+        masked = _filter_of(dataset) if use_filter else None
+        for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
+            index = indices[(step - 1) * B : step * B].astype(np.int64)
+            batch = {"input_ids": _read_instances(files, index), "index": index}
+            if masked is not None:
+                batch["instance_filter"] = masked
+            yield step, batch
+
+
+def _instance_files(dataset) -> list[tuple[int, int, np.ndarray]]:
+    """(first instance, end instance, tokens as [instances, L]) of each token file, as MemMapDataset maps them."""
+    L = dataset._chunk_size
+    files = []
+    for path, (start, end) in zip(dataset._memmap_paths, dataset.offsets):
+        tokens = np.memmap(path, dtype=dataset.dtype, mode="r")
+        files.append((start, end, tokens[: (end - start) * L].reshape(end - start, L)))
+    return files
+
+
+def _read_instances(files, index: np.ndarray) -> np.ndarray:
+    """The tokens of the given instances, [len(index), L], in the order given."""
+    out = np.empty((len(index), files[0][2].shape[1]), dtype=files[0][2].dtype)
+    for start, end, tokens in files:
+        inside = np.flatnonzero((index >= start) & (index < end))
+        if len(inside):
+            out[inside] = tokens[index[inside] - start]
+    return out
+
+
+def _filter_of(dataset):
+    """rows [n, L] -> whether the dataset's own repetition filter (MemMapDataset._validate_instance) masks each."""
+    import torch
+
+    from ..place import may_be_filtered
+
+    config = dataset.instance_filter_config
+
+    def masked(rows: np.ndarray) -> np.ndarray:  # OLMo's own check only where the vectorized pre-check allows it
+        out = np.zeros(len(rows), dtype=bool)
+        candidates = np.flatnonzero(may_be_filtered(rows, config.repetition_max_period, config.repetition_max_count))
+        for r in candidates:
+            out[r] = not dataset._validate_instance(torch.from_numpy(rows[r].astype(np.int64)))
+        return out
+
+    return masked
+
+
+def _replayed_batches(manifest: dict, chosen: list[int], use_filter: bool):
+    """(step, batch) straight out of ai2-olmo's training DataLoader (collated, with `instance_mask` when filtering)."""
     from olmo.data import build_train_dataloader
 
     B = manifest["injection"]["training"]["global_batch_size"]
@@ -156,7 +239,7 @@ def loader_batches(manifest: dict, chosen: list[int], use_filter: bool, report, 
                 iterator = iter(loader)
             batch = next(iterator)
             previous = step
-            yield step, batch
+            yield step, {k: np.asarray(v) for k, v in batch.items() if k in ("input_ids", "index", "instance_mask")}
 
 
 def instance_filter_masks(tokens: np.ndarray) -> bool:
