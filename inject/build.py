@@ -42,8 +42,8 @@ from .configtools import to_dict
 from .errors import InjectError
 from .lock import die_with_parent, folder_lock
 from .sources import (MANIFEST, FileStats, Problem, check_token_ids, entry_path, expand_inputs, iter_texts,
-                      open_token_file, source_kind)
-from .stream import CastArray, OutputWriter, TokenStream
+                      source_kind, token_file)
+from .stream import BackgroundHash, CastArray, OutputWriter, TokenFile, TokenStream
 
 DATA_BLOCK = "olmo-data.yaml"
 PROBLEMS = "problems.jsonl"
@@ -171,26 +171,38 @@ def _with_flush(texts: Iterator[str], batch_size: int) -> Iterator[str | None]:
     yield None
 
 
+CHECK_CHUNK = 1 << 22
+"""Tokens of a pre-tokenized input checked at a time (the hash thread may hold a few such chunks)."""
+
+
 def _check_token_file(job: TokenizeJob, path: Path) -> dict:
-    tokens = open_token_file(path, job.input_dtype)
-    check_token_ids(path, tokens, tok.vocab_size(job.tokenizer))
-    if np.dtype(job.input_dtype) != np.dtype(job.dtype) and len(tokens) and int(tokens.max()) > np.iinfo(job.dtype).max:
-        raise InjectError(f"{path}: token ids up to {int(tokens.max())} do not fit the output dtype {job.dtype}")
-    eos = tok.get_spec(job.tokenizer).eos_token_id
-    sha = hashlib.sha256()
-    documents = 0
-    for start in range(0, len(tokens), 1 << 24):
-        part = np.asarray(tokens[start : start + (1 << 24)])
-        documents += int(np.count_nonzero(part == eos))
+    """One pass over a pre-tokenized input, in large sequential reads: ids inside the vocabulary (and the output
+    dtype), documents (EOS count), the file's sha256 (in the hash thread, overlapped with the reads and checks)."""
+    tokens = token_file(path, job.input_dtype)
+    vocab, eos = tok.vocab_size(job.tokenizer), tok.get_spec(job.tokenizer).eos_token_id
+    narrower = np.dtype(job.input_dtype) != np.dtype(job.dtype)
+    size = path.stat().st_size
+    sha = BackgroundHash()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            sha.update(chunk)
+        sha.update(f.read(tokens.offset))  # a .npy header
+        documents, top, last = 0, -1, None
+        for start in range(0, len(tokens), CHECK_CHUNK):
+            part = tokens[start : start + CHECK_CHUNK]
+            sha.update(part)
+            check_token_ids(path, part, vocab, start)
+            top = max(top, int(part.max()))
+            documents += int(np.count_nonzero(part == eos))
+            last = int(part[-1])
+        f.seek(tokens.offset + len(tokens) * tokens.dtype.itemsize)
+        sha.update(f.read())  # bytes after a .npy array, if any
+    if narrower and top > np.iinfo(job.dtype).max:
+        raise InjectError(f"{path}: token ids up to {top} do not fit the output dtype {job.dtype}")
     problems = []
-    if len(tokens) and int(tokens[-1]) != eos:
+    if last is not None and last != eos:
         problems.append(Problem(str(path), 0, "no_final_eos", "token file does not end with EOS; the next file's first document continues it").__dict__)
     return {
         "index": job.index, "path": str(path), "kind": "tokens", "compression": "none",
-        "size_bytes": path.stat().st_size, "sha256": sha.hexdigest(), "documents": documents,
+        "size_bytes": size, "sha256": sha.hexdigest(), "documents": documents,
         "tokens": len(tokens), "cache": None, "problem_counts": {p["kind"]: 1 for p in problems}, "problems": problems,
     }
 
@@ -263,14 +275,15 @@ def _maybe_crash(crash_after: int, done: int) -> None:
 # ---------------------------------------------------------------------------- stage 2: write
 
 
-def open_caches(config: BuildConfig, records: list[dict], work_dir: Path) -> list[np.ndarray]:
+def open_caches(config: BuildConfig, records: list[dict], work_dir: Path) -> list[TokenFile | CastArray]:
+    """Every input's tokens, in input order, read by slices (file reads, not memory maps: flat memory)."""
     arrays = []
     for record in records:
         if record["kind"] == "tokens":
-            array = open_token_file(Path(record["path"]), config.input_dtype or config.token_dtype)
+            array = token_file(Path(record["path"]), config.input_dtype or config.token_dtype)
             arrays.append(array if array.dtype == np.dtype(config.token_dtype) else CastArray(array, config.token_dtype))
         elif record["tokens"]:
-            arrays.append(np.memmap(work_dir / record["cache"], dtype=config.token_dtype, mode="r"))
+            arrays.append(TokenFile(work_dir / record["cache"], config.token_dtype, 0, record["tokens"]))
     return arrays
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import zstandard
 
 from .errors import ConfigError, InjectError
+from .stream import TokenFile
 
 DOLMA_SUFFIXES = (".json.gz", ".jsonl.gz", ".json.zst", ".jsonl.zst", ".jsonl", ".json", ".gz", ".zst")
 TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -448,14 +449,19 @@ def open_token_file(path: Path, dtype: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def check_token_ids(path: Path, tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> None:
-    """Refuse ids outside the tokenizer's vocabulary, naming the first offending offset."""
-    for start in range(0, len(tokens), chunk):
-        part = np.asarray(tokens[start : start + chunk])
-        bad = np.flatnonzero(part >= vocab_size)
-        if bad.size:
-            offset = start + int(bad[0])
-            raise InjectError(
-                f"{path}: token id {int(part[bad[0]])} at offset {offset} is outside the tokenizer's vocabulary "
-                f"(size {vocab_size}); was the file made with another tokenizer or dtype?"
-            )
+def token_file(path: Path, dtype: str) -> TokenFile:
+    """The ids of a pre-tokenized OLMo token file (checked as `open_token_file` does), read by slices."""
+    array = open_token_file(path, dtype)
+    return TokenFile(path, array.dtype, getattr(array, "offset", 0), len(array))
+
+
+def check_token_ids(path: Path, tokens: np.ndarray, vocab_size: int, start: int = 0) -> None:
+    """Refuse ids outside the tokenizer's vocabulary, naming the first offending offset (`tokens` begins at
+    offset `start` of the file). One max over the array when every id is good."""
+    if not len(tokens) or int(tokens.max()) < vocab_size:
+        return
+    bad = int(np.flatnonzero(tokens >= vocab_size)[0])
+    raise InjectError(
+        f"{path}: token id {int(tokens[bad])} at offset {start + bad} is outside the tokenizer's vocabulary "
+        f"(size {vocab_size}); was the file made with another tokenizer or dtype?"
+    )

@@ -7,9 +7,76 @@ nothing of those modules, so the build's stages read one way (build -> place -> 
 from __future__ import annotations
 
 import hashlib
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+_HASH_THREADS: list[ThreadPoolExecutor] = []
+_hashes_started = 0
+
+
+class BackgroundHash:
+    """sha256 of a byte stream, computed in a worker thread so that hashing overlaps reading, checking and writing
+    (hashlib releases the GIL on buffers above 2 KiB). Successive hashes (files) take turns on two threads, so
+    that one file's hash can run beside the next one's; each hash stays on one thread, in submission order. A
+    buffer passed to `update` must not change until `hexdigest` returns; a few stay pending at most."""
+
+    PENDING = 4
+    THREADS = 2
+
+    def __init__(self):
+        global _hashes_started
+        if not _HASH_THREADS:
+            _HASH_THREADS.extend(ThreadPoolExecutor(1, thread_name_prefix="olmo-inject-hash") for _ in range(self.THREADS))
+        self._thread = _HASH_THREADS[_hashes_started % self.THREADS]
+        _hashes_started += 1
+        self._sha = hashlib.sha256()
+        self._pending: deque = deque()
+
+    def update(self, data) -> None:
+        if len(self._pending) >= self.PENDING:
+            self._pending.popleft().result()
+        self._pending.append(self._thread.submit(self._sha.update, data))
+
+    def hexdigest(self) -> str:
+        while self._pending:
+            self._pending.popleft().result()
+        return self._sha.hexdigest()
+
+
+class TokenFile:
+    """A token file's ids, read by slices with plain file reads into fresh arrays: a whole pass over it costs the
+    chunk in memory, not the pages of a memory map (resident and counted in RSS as it is read)."""
+
+    def __init__(self, path: Path, dtype, offset: int, length: int):
+        self.path, self.dtype, self.offset, self.length = Path(path), np.dtype(dtype), offset, length
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, item) -> np.ndarray:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("TokenFile reads contiguous slices only")
+        start, stop, _ = item.indices(self.length)
+        count = max(0, stop - start)
+        out = np.empty(count, dtype=self.dtype)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view, position = memoryview(out).cast("B"), self.offset + start * self.dtype.itemsize
+        while len(view):
+            got = os.preadv(self._fd, [view], position)
+            if not got:
+                raise OSError(f"{self.path}: ended {len(view)} bytes early (was it truncated while being read?)")
+            view, position = view[got:], position + got
+        return out
+
+    def __del__(self):
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 class TokenStream:
@@ -53,7 +120,11 @@ class CastArray:
 
 
 class OutputWriter:
-    """Writes `data/part-NNNNN.npy` files of a fixed number of tokens, hashing as it goes."""
+    """Writes `data/part-NNNNN.npy` files of a fixed number of tokens, hashing as it goes (in the hash thread).
+    Small writes are gathered into one buffer of about COALESCE bytes; an array passed to `write` must not be
+    modified afterwards (it may be hashed later)."""
+
+    COALESCE = 1 << 20
 
     def __init__(self, out_dir: Path, tokens_per_file: int, sequence_length: int):
         self.data_dir = out_dir / "data"
@@ -64,6 +135,8 @@ class OutputWriter:
         self._handle = None
         self._sha = None
         self._count = 0
+        self._small: list[np.ndarray] = []
+        self._small_bytes = 0
 
     def write(self, tokens: np.ndarray) -> None:
         while len(tokens):
@@ -71,21 +144,37 @@ class OutputWriter:
                 self._open()
             room = self.tokens_per_file - self._count
             part, tokens = tokens[:room], tokens[room:]
-            data = part.tobytes()
-            self._handle.write(data)
-            self._sha.update(data)
+            if part.nbytes < self.COALESCE:
+                self._small.append(part)
+                self._small_bytes += part.nbytes
+                if self._small_bytes >= self.COALESCE:
+                    self._flush()
+            else:
+                self._flush()
+                self._put(np.ascontiguousarray(part))
             self._count += len(part)
             if self._count == self.tokens_per_file:
                 self._close()
 
+    def _flush(self) -> None:
+        if self._small:
+            self._put(np.concatenate(self._small) if len(self._small) > 1 else np.ascontiguousarray(self._small[0]))
+            self._small, self._small_bytes = [], 0
+
+    def _put(self, data: np.ndarray) -> None:
+        view = memoryview(data).cast("B")
+        self._handle.write(view)
+        self._sha.update(view)
+
     def _open(self) -> None:
         name = f"part-{len(self.files):05d}.npy"
         self._handle = open(self.data_dir / name, "wb")
-        self._sha = hashlib.sha256()
+        self._sha = BackgroundHash()
         self._count = 0
         self.files.append({"path": f"data/{name}"})
 
     def _close(self) -> None:
+        self._flush()
         self._handle.close()
         self.files[-1].update(
             tokens=self._count, instances=self._count // self.sequence_length,
