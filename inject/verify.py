@@ -365,24 +365,51 @@ def check_train_config(manifest: dict, path: Path, report: Report) -> None:
     trainers.of_manifest(manifest).check_train_config(manifest, path, report)
 
 
-def check_batches(view: BuildView, ledger: np.ndarray, report: Report, sample: int | None, seed: int,
-                  workers: int = 1, own_loader=None) -> None:
-    """`own_loader`: the build's trainer's own data loader, where it is run on request (an OLMo-core build:
-    trainers.olmo_core.OlmoCoreLoader)."""
+def check_batches_and_held_out(view: BuildView, ledger: np.ndarray, report: Report, sample: int | None, seed: int,
+                               workers: int = 1, own_loader=None) -> None:
+    """The batch checks (`order`, `ledger`, `filter`) and the held-out scan of the token files, shared by `workers`
+    processes: each takes a contiguous range of the steps and of the files' chunks (so that it encodes the
+    examples it meets once for both); their reports are merged in step order, then in file order: the same report
+    as one process. `own_loader`: the build's trainer's own data loader, where it is run on request (an OLMo-core
+    build: trainers.olmo_core.OlmoCoreLoader; ai2-olmo: trainers.ai2_olmo.FullLoader)."""
     t = view.manifest["injection"]["training"]
     if own_loader is not None:
         own_loader.check(view.path, view.manifest)
     steps = t["steps"]
     chosen = list(range(1, steps + 1)) if sample is None else sorted(
         np.random.default_rng(seed).choice(np.arange(1, steps + 1), size=min(sample, steps), replace=False).tolist())
-    parts = [part.tolist() for part in np.array_split(np.array(chosen, dtype=np.int64), max(1, workers)) if len(part)]
-    if len(parts) == 1:
-        report.absorb(_check_steps(view, ledger, parts[0], own_loader))
-    else:  # contiguous ranges of steps, one per process, merged in step order: the same report as one process
-        for part in _in_processes(_check_steps_of_build, [(str(view.path), p, own_loader) for p in parts]):
-            report.absorb(part)
+    longest = int(ledger["length"].max()) + 8 if len(ledger) else 64  # of a segment the held-out scan parses
+    chunks = [(f, start) for f in range(len(view.manifest["outputs"]))
+              for start in range(0, view.manifest["outputs"][f]["tokens"], HELD_OUT_CHUNK)]
+    n = max(1, workers)
+    step_parts = [part.tolist() for part in np.array_split(np.array(chosen, dtype=np.int64), n)]
+    chunk_parts = [part.tolist() for part in np.array_split(np.array(chunks, dtype=np.int64).reshape(-1, 2), n)]
+    jobs = [(str(view.path), steps_part, chunks_part, longest, own_loader)
+            for steps_part, chunks_part in zip(step_parts, chunk_parts) if steps_part or chunks_part]
+    if len(jobs) <= 1:
+        results = [_verify_part(jobs[0], view, ledger)] if jobs else []
+    else:
+        results = _in_processes(_verify_part, jobs)
+    for batches, _ in results:
+        report.absorb(batches)
     source = trainers.of_manifest(view.manifest).loader_source(own_loader)
     report.checked["batches checked"] = f"{len(chosen)} of {steps} ({source})"
+    parsed = held = 0
+    for _, (part, n_parsed, n_held) in results:
+        report.absorb(part)
+        parsed, held = parsed + n_parsed, held + n_held
+    report.checked["task examples found in the token files"] = f"{parsed:,} (ledger: {len(ledger):,}); held-out among them: {held}"
+
+
+def _verify_part(job: tuple, view: BuildView | None = None, ledger: np.ndarray | None = None) -> tuple:
+    """One process's share: (report of its steps, (report, segments parsed, held-out found) of its chunks)."""
+    build_dir, steps, chunks, longest, own_loader = job
+    if view is None:
+        view = BuildView.load(Path(build_dir))
+        view.manifest["_dir"] = Path(build_dir).resolve()
+    ledger = read_ledger(build_dir) if ledger is None else ledger
+    batches = _check_steps(view, ledger, steps, own_loader) if steps else Report()
+    return batches, _held_out_in((build_dir, chunks, longest), view, ledger)
 
 
 def _in_processes(function, jobs: list) -> list:
@@ -400,13 +427,6 @@ def _in_processes(function, jobs: list) -> list:
     return results
 
 
-def _check_steps_of_build(args: tuple) -> Report:
-    build_dir, steps, own_loader = args
-    view = BuildView.load(Path(build_dir))
-    view.manifest["_dir"] = Path(build_dir).resolve()
-    return _check_steps(view, read_ledger(build_dir), steps, own_loader)
-
-
 def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int], own_loader=None) -> Report:
     """Replay the target trainer's loader over the given steps (ascending); consecutive steps are read in one pass."""
     manifest, report = view.manifest, Report()
@@ -419,10 +439,30 @@ def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int], own_loa
     for spec, group in enumerate(view.group_of_spec):
         planned[:, group] += view.counts[:, spec]
     batches = trainers.of_manifest(manifest).loader_batches(manifest, chosen, use_filter, report, own_loader)
-    for step, batch in batches:
+    encoded_until = 0  # the examples of chosen[:encoded_until] are encoded
+    for i, (step, batch) in enumerate(batches):
+        if i >= encoded_until:  # encode the next steps' examples together: the tokenizer is faster on long lists
+            encoded_until = _encode_ahead(view, ledger, rows_of_step, chosen, i)
         _check_batch(view, ledger[rows_of_step[step - 1] : rows_of_step[step]], batch, step, planned[step - 1], report,
                      use_filter, longest)
     return report
+
+
+ENCODE_AHEAD = 1 << 16
+"""Ledger rows whose examples are encoded in one go."""
+
+
+def _encode_ahead(view: BuildView, ledger: np.ndarray, rows_of_step: np.ndarray, chosen: list[int], i: int) -> int:
+    """Encode the examples of chosen[i:j] (about ENCODE_AHEAD ledger rows); returns j."""
+    j, total, parts = i, 0, []
+    while j < len(chosen) and (j == i or total < ENCODE_AHEAD):
+        a, b = rows_of_step[chosen[j] - 1], rows_of_step[chosen[j]]
+        parts.append(np.arange(a, b))
+        total += b - a
+        j += 1
+    rows = ledger[np.concatenate(parts)]
+    view.examples.lookup(rows["spec"], rows["item"], rows["template"])
+    return j
 
 
 def _check_batch(view, rows, batch, step, planned, report, use_filter, longest) -> None:
@@ -578,24 +618,6 @@ def _open_outputs(view: BuildView) -> list[np.ndarray]:
     return [np.memmap(view.path / f["path"], dtype=view.manifest["dtype"], mode="r") for f in view.manifest["outputs"]]
 
 
-def check_held_out(view: BuildView, ledger: np.ndarray, report: Report, workers: int = 1) -> None:
-    """Parse every EOS-delimited segment of plausible length in every file; none may be held out."""
-    longest = int(ledger["length"].max()) + 8 if len(ledger) else 64
-    chunks = [(f, start) for f in range(len(view.manifest["outputs"]))
-              for start in range(0, view.manifest["outputs"][f]["tokens"], HELD_OUT_CHUNK)]
-    jobs = [(str(view.path), part.tolist(), longest) for part in np.array_split(np.array(chunks, dtype=np.int64).reshape(-1, 2),
-                                                                                max(1, workers)) if len(part)]
-    if len(jobs) == 1:
-        results = [_held_out_in(jobs[0], view, ledger)]
-    else:
-        results = _in_processes(_held_out_in, jobs)
-    parsed = held = 0
-    for part, n_parsed, n_held in results:
-        report.absorb(part)
-        parsed, held = parsed + n_parsed, held + n_held
-    report.checked["task examples found in the token files"] = f"{parsed:,} (ledger: {len(ledger):,}); held-out among them: {held}"
-
-
 HELD_OUT_CHUNK = 1 << 24
 
 
@@ -730,46 +752,49 @@ def _blocks(ledger: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 
 def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
     """Remove each instance's injected block; what remains must be the Dolma tokens the build kept. On the
-    way, check that each block sits where its placement promises (see `placement` in the module docstring)."""
+    way, check that each block sits where its placement promises (see `placement` in the module docstring).
+    The token files are read once, in chunks; the blocks' positions are computed for all of them at once."""
     inj = view.manifest["injection"]
     L, eos, placement = view.manifest["sequence_length"], view.eos, view.placement
     lead = 0 if placement == "document-boundary" else 1
-    stream = TokenStream(_open_outputs(view))
-    sha, kept, position, last_token = hashlib.sha256(), 0, 0, None
-    without_boundary = 0
-
-    def hash_plain(n: int) -> None:
-        nonlocal kept, last_token
-        while n > 0:
-            part = stream.take(min(n, 1 << 22))
-            sha.update(part.tobytes())
-            kept += len(part)
-            n -= len(part)
-            if len(part):
-                last_token = int(part[-1])
-
-    blocks = _blocks(ledger)
-    for instance, first, end, contiguous in zip(*blocks):
-        hash_plain(int(instance - position) * L)
-        tokens = stream.take(L)
-        start = int(first) - lead
-        dolma = np.concatenate([tokens[:max(start, 0)], tokens[end:]])
-        before = int(tokens[start - 1]) if start > 0 else last_token
-        at_boundary = before is None or before == eos
-        without_boundary += not at_boundary
-        where = f"instance {instance}: block at offset {start}"
-        if not contiguous:
-            report.fail("placement", f"instance {instance}: its examples are not one block (ledger offsets leave gaps)")
-        if lead and (start != 0 or tokens[0] != eos):
+    outputs = _open_outputs(view)
+    stream = TokenStream(outputs)
+    instance, first, end, contiguous = _blocks(ledger)
+    start = first - lead                                   # where the block starts in its instance
+    cut_from = instance * L + np.maximum(start, 0)         # the stream's tokens [cut_from, cut_to) are the block
+    cut_to = np.maximum(instance * L + np.minimum(end, L), cut_from)
+    before_at = cut_from - 1                               # the token before the block in the stream (-1: none)
+    sha, kept = hashlib.sha256(), 0
+    before = np.full(len(instance), -1, dtype=np.int64)
+    first_token = np.full(len(instance), -1, dtype=np.int64)
+    position = 0
+    while position < stream.total:
+        chunk = stream.take(DOLMA_CHUNK)
+        stop = position + len(chunk)
+        for wanted, out in ((before_at, before), (instance * L, first_token)):
+            a, b = np.searchsorted(wanted, [position, stop])
+            out[a:b] = chunk[wanted[a:b] - position]
+        a, b = np.searchsorted(cut_to, position, side="right"), np.searchsorted(cut_from, stop)
+        removed = np.zeros(len(chunk) + 1, dtype=np.int64)
+        np.add.at(removed, np.clip(cut_from[a:b] - position, 0, len(chunk)), 1)
+        np.add.at(removed, np.clip(cut_to[a:b] - position, 0, len(chunk)), -1)
+        keep = np.cumsum(removed[:-1]) == 0
+        part = chunk[keep]
+        sha.update(part.tobytes())
+        kept += len(part)
+        position = stop
+    at_boundary = (before_at < 0) | (before == eos)
+    without_boundary = int((~at_boundary).sum())
+    suspect = ~contiguous | (start != 0) | ~at_boundary | ((first_token != eos) if lead else False)
+    for k in np.flatnonzero(suspect).tolist():
+        where = f"instance {instance[k]}: block at offset {start[k]}"
+        if not contiguous[k]:
+            report.fail("placement", f"instance {instance[k]}: its examples are not one block (ledger offsets leave gaps)")
+        if lead and (start[k] != 0 or first_token[k] != eos):
             report.fail("placement", f"{where}, not an EOS at the instance start ({placement})")
-        elif not lead and not at_boundary and (start != 0 or np.any(dolma == eos)):
-            report.fail("placement", f"{where} follows token {before}, not EOS: it splits a document "
+        elif not lead and not at_boundary[k] and (start[k] != 0 or _eos_outside(view, outputs, int(instance[k]), int(end[k]))):
+            report.fail("placement", f"{where} follows token {before[k]}, not EOS: it splits a document "
                                      f"(a block without a boundary must be at the start of an instance without any)")
-        sha.update(dolma.tobytes())
-        kept += len(dolma)
-        last_token = int(tokens[-1])
-        position = int(instance) + 1
-    hash_plain(stream.total - stream.consumed)
     want = inj["dolma"]
     if sha.hexdigest() != want["kept_sha256"] or kept != want["kept_tokens"]:
         report.fail("dolma", f"the Dolma tokens outside the injected blocks ({kept:,}) do not hash to the build's record "
@@ -779,7 +804,23 @@ def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
         report.fail("placement", f"{without_boundary} block(s) are not preceded by EOS (split a document), the manifest "
                                  f"records {recorded}")
     report.checked["dolma tokens intact"] = f"{kept:,} kept, {inj['totals']['overwritten_dolma_tokens']:,} overwritten by design"
-    report.checked["placement"] = f"{placement}: {len(blocks[0]):,} blocks, {without_boundary:,} not after EOS"
+    report.checked["placement"] = f"{placement}: {len(instance):,} blocks, {without_boundary:,} not after EOS"
+
+
+DOLMA_CHUNK = 1 << 24
+
+
+def _eos_outside(view: BuildView, outputs: list[np.ndarray], instance: int, end: int) -> bool:
+    """Whether an instance whose block starts at offset 0 holds an EOS after its block (asked only of blocks
+    without a boundary)."""
+    L = view.manifest["sequence_length"]
+    ends = np.cumsum([len(f) for f in outputs])
+    f = int(np.searchsorted(ends, instance * L, side="right"))
+    local = instance * L - (ends[f] - len(outputs[f]))
+    tokens = np.asarray(outputs[f][local : local + L])
+    if len(tokens) < L and f + 1 < len(outputs):  # an instance across two files
+        tokens = np.concatenate([tokens, np.asarray(outputs[f + 1][: L - len(tokens)])])
+    return bool(np.any(tokens[end:] == view.eos))
 
 
 def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | None = None, seed: int = 0,
@@ -795,8 +836,7 @@ def run_verify(build_dir: Path, train_config: Path | None = None, sample: int | 
     if train_config is not None:
         check_train_config(view.manifest, train_config, report)
     check_ledger_against_plan(view, ledger, report)
-    check_batches(view, ledger, report, sample, seed, workers, own_loader)
-    check_held_out(view, ledger, report, workers)
+    check_batches_and_held_out(view, ledger, report, sample, seed, workers, own_loader)
     check_held_out_twins(view, ledger, report)
     check_dolma(view, ledger, report)
     return report
