@@ -1,16 +1,27 @@
-"""Verify speed: `olmo-inject verify` over a build dense with examples (100 comparison examples in every
-batch of 32 x 256 tokens), with 1 and with N processes; each run in its own child process, the reports
-compared byte for byte.
+"""Verify speed: `olmo-inject verify` over builds dense with examples (100 three-digit comparison examples, text
+encoding, in every batch of 32 x 256 tokens), with 1 and with N processes, each run in its own child process, the
+reports compared byte for byte; then each check timed in one process, to project the reference run.
 
-    python benchmarks/verify_throughput.py [--workers 2] [--workdir bench-out/verify]
+    python benchmarks/verify_throughput.py [--workers 2] [--large] [--workdir bench-out/verify]
 
-Prints examples verified per second for each and the ratio, and extrapolates to the reference run's
-48.8M examples.
+Builds: `dense`, 600 steps (60,000 examples); with --large also `large`, 10,000 steps (1,000,000 examples; its
+input is the dense build's base token files repeated 16 times, pre-tokenized). Each draws from a seen pool sized so
+that an item recurs as often as in the reference run (48.8M examples over the ~729,000 seen three-digit comparisons:
+~67 times): verify encodes each distinct example once per process, so the rate depends on that ratio; the
+encoding rate is printed on its own.
+
+Prints examples verified per second for each run (start-up included) and the time the reference run's 48.8M examples
+would take at that rate; then per check: examples/s of the batch checks with the examples already encoded,
+distinct examples encoded per second, and tokens/s of the checks that read every token (batch reads, held-out
+scan, Dolma hash), which is what bounds the reference run (204.8B tokens).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,54 +30,141 @@ from pathlib import Path
 import yaml
 
 REFERENCE_EXAMPLES = 48_829 * 1_000
+REFERENCE_TOKENS = 48_829 * 2048 * 2048
+REFERENCE_DISTINCT = 729_000
+TASK = {"name": "cmp3-r100", "task": "comparison", "params": {"digits": 3}, "schedule": {"kind": "even", "rate": 100}}
 
 
-def make_build(workdir: Path) -> Path:
+def make_builds(workdir: Path, large: bool) -> dict[str, Path]:
     from inject.build import run_build
     from inject.config import load_build_config
     from inject.sample import write_sample_corpus
 
-    build = workdir / "build"
-    if (build / "manifest.json").exists():
-        return build
-    write_sample_corpus(workdir / "corpus", shards=4)
-    config = {"inputs": ["corpus/*"], "sequence_length": 256, "training": {"global_batch_size": 32, "steps": 600},
-              "tasks": [{"name": "cmp3-r100", "task": "comparison", "params": {"digits": 3},
-                         "schedule": {"kind": "even", "rate": 100}}]}
-    (workdir / "build.yaml").write_text(yaml.safe_dump(config))
-    run_build(load_build_config(workdir / "build.yaml"), build, overwrite=True)
-    return build
+    def build(name: str, inputs: list[str], steps: int, seen: int) -> Path:
+        out = workdir / name
+        if not (out / "manifest.json").exists():
+            config = {"inputs": inputs, "sequence_length": 256}
+            if steps:
+                config.update(training={"global_batch_size": 32, "steps": steps}, tasks=[{**TASK, "pool": {"seen": seen}}])
+            (workdir / f"{name}.yaml").write_text(yaml.safe_dump(config))
+            run_build(load_build_config(workdir / f"{name}.yaml"), out, overwrite=True)
+        return out
+
+    if not (workdir / "corpus").exists():
+        write_sample_corpus(workdir / "corpus", shards=4)
+    builds = {"dense": build("dense", ["corpus/*"], 600, 60_000 // 67)}
+    if large:
+        base = build("base", ["corpus/*"], 0, 0)
+        copies = workdir / "large-input"
+        if not copies.exists():
+            copies.mkdir()
+            for k in range(16):
+                for f in sorted((base / "data").glob("*.npy")):
+                    shutil.copyfile(f, copies / f"{k:02d}-{f.name}")
+        builds["large"] = build("large", ["large-input/*.npy"], 10_000, 1_000_000 // 67)
+    return builds
 
 
 def timed_verify(build: Path, workers: int) -> tuple[float, str]:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "inject.cli", "verify", str(build), "--workers", str(workers)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"verify failed:\n{done.stdout}\n{done.stderr}")
     return seconds, done.stdout
 
 
+def per_check(build: str) -> None:
+    """(child process) each check of verify timed in one process; prints one JSON line."""
+    import numpy as np
+
+    from inject import trainers
+    from inject import verify as V
+    from inject.ledger import read_ledger
+
+    timings = {}
+    start = time.perf_counter()
+    view = V.BuildView.load(Path(build))
+    view.manifest["_dir"] = Path(build).resolve()
+    ledger = read_ledger(build)
+    import olmo.data  # noqa: F401  (ai2-olmo's loader code, imported once)
+    timings["start-up"] = time.perf_counter() - start
+    steps = list(range(1, view.manifest["injection"]["training"]["steps"] + 1))
+    chunks = [(f, s) for f in range(len(view.manifest["outputs"]))
+              for s in range(0, view.manifest["outputs"][f]["tokens"], V.HELD_OUT_CHUNK)]
+    longest = int(ledger["length"].max()) + 8
+    rows_of_step = np.searchsorted(ledger["step"], np.arange(1, len(steps) + 2))
+
+    def encode_all() -> None:
+        i = 0
+        while i < len(steps):
+            i = V._encode_ahead(view, ledger, rows_of_step, steps, i)
+
+    def read_batches() -> None:  # what the batch checks read: the loader's batches, nothing checked
+        for _ in trainers.of_manifest(view.manifest).loader_batches(view.manifest, steps, True, V.Report()):
+            pass
+
+    for name, run in [("encode", encode_all), ("batch reads", read_batches),
+                      ("batches", lambda: V._check_steps(view, ledger, steps)),
+                      ("held-out scan", lambda: V._held_out_in((build, chunks, longest), view, ledger)),
+                      ("dolma", lambda: V.check_dolma(view, ledger, V.Report()))]:
+        start = time.perf_counter()
+        run()
+        timings[name] = time.perf_counter() - start
+    tokens = sum(f["tokens"] for f in view.manifest["outputs"])
+    print(json.dumps({"timings": timings, "examples": len(ledger), "distinct": view.examples.slots, "tokens": tokens}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--large", action="store_true", help="also the 1M-example build (builds it once: a few minutes)")
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/verify"))
+    parser.add_argument("--per-check", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.per_check:
+        return per_check(args.per_check)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    import json
-
-    build = make_build(args.workdir)
-    examples = json.loads((build / "manifest.json").read_text())["injection"]["totals"]["examples"]
-    one, report_one = timed_verify(build, 1)
-    many, report_many = timed_verify(build, args.workers)
-    assert report_one == report_many, "the reports differ between 1 and N processes"
-    print(f"build: {examples:,} examples in 600 batches of 32 x 256 tokens")
-    for n, seconds in ((1, one), (args.workers, many)):
-        rate = examples / seconds
-        print(f"verify --workers {n}: {seconds:.1f} s (start-up included), {rate:,.0f} examples/s; "
-              f"the reference run's {REFERENCE_EXAMPLES / 1e6:.1f}M examples: ~{REFERENCE_EXAMPLES / rate / 3600:.1f} h")
-    print(f"ratio 1 / {args.workers} processes: {one / many:.2f}x; reports identical")
+    builds = make_builds(args.workdir, args.large)
+    print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), 2 cores shared")
+    for name, build in builds.items():
+        manifest = json.loads((build / "manifest.json").read_text())
+        examples = manifest["injection"]["totals"]["examples"]
+        steps = manifest["injection"]["training"]["steps"]
+        print(f"{name}: {examples:,} examples in {steps:,} batches of 32 x 256 tokens")
+        one, report_one = timed_verify(build, 1)
+        many, report_many = timed_verify(build, args.workers)
+        assert report_one == report_many, "the reports differ between 1 and N processes"
+        for n, seconds in ((1, one), (args.workers, many)):
+            rate = examples / seconds
+            print(f"  verify --workers {n}: {seconds:.1f} s (start-up included), {rate:,.0f} examples/s; the reference "
+                  f"run's {REFERENCE_EXAMPLES / 1e6:.1f}M examples at this rate: {REFERENCE_EXAMPLES / rate / 60:.1f} min")
+        print(f"  ratio 1 / {args.workers} processes: {one / many:.2f}x; reports identical; load average {os.getloadavg()[0]:.2f}")
+    build = builds["large" if "large" in builds else "dense"]
+    done = subprocess.run([sys.executable, __file__, "--per-check", str(build)], capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode:
+        sys.exit(done.stderr)
+    m = json.loads(done.stdout.strip().splitlines()[-1])
+    t, examples, distinct, tokens = m["timings"], m["examples"], m["distinct"], m["tokens"]
+    batches, reads = t["batches"], t["batch reads"]  # batches: every example already encoded
+    print(f"per check, one process, {build.name} build ({examples:,} examples, {distinct:,} distinct, {tokens / 1e6:.1f}M tokens):")
+    print(f"  start-up (imports, ai2-olmo's loader code): {t['start-up']:.1f} s")
+    print(f"  encoding: {distinct / t['encode']:,.0f} distinct examples/s")
+    print(f"  batch checks, examples already encoded: {examples / batches:,.0f} examples/s; of which reading the batches "
+          f"(order, token files): {tokens / reads / 1e6:.1f}M tokens/s")
+    print(f"  held-out scan: {tokens / t['held-out scan'] / 1e6:.1f}M tokens/s; Dolma hash: {tokens / t['dolma'] / 1e6:.1f}M tokens/s")
+    ref = {"encoding (~729,000 distinct)": REFERENCE_DISTINCT / (distinct / t["encode"]),
+           "batch checks, per example": REFERENCE_EXAMPLES * max(batches - reads, 0) / examples,
+           "batch reads, per token": REFERENCE_TOKENS * reads / tokens,
+           "held-out scan, per token": REFERENCE_TOKENS * t["held-out scan"] / tokens,
+           "Dolma hash, per token": REFERENCE_TOKENS * t["dolma"] / tokens}
+    print("the reference run (48.8M examples, 204.8B tokens) at these rates, one process (--workers N divides all but the "
+          "Dolma hash by up to N):")
+    for name, seconds in ref.items():
+        print(f"  {name}: {seconds / 60:,.1f} min")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

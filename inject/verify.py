@@ -334,6 +334,11 @@ class SegmentFilter:
 
             self.first_token_ok = np.array([may_start(t) for t in texts], dtype=bool)
 
+    @property
+    def window(self) -> int:
+        """Tokens past which only a text example can still end (a `tokens` example is shorter)."""
+        return max(self.lengths, default=0) + 1
+
     def may_parse(self, first_token: np.ndarray, length: np.ndarray) -> np.ndarray:
         """For segments given by their first token and length (tokens, EOS excluded): False where none can parse."""
         length = np.asarray(length)
@@ -538,8 +543,8 @@ def _found_examples(view, ids, rows, matched, batch_row, longest):
     found = np.zeros(len(view.group_names), dtype=np.int64)
     holding = np.zeros(B, dtype=bool)
     parsed = []
-    ends = np.flatnonzero(flat == eos)
     if view.placement == "document-boundary":
+        ends = np.flatnonzero(flat == eos)
         known = np.flatnonzero(matched)
         np.add.at(found, group[rows["spec"][known].astype(np.int64)], 1)
         holding[batch_row[known]] = True
@@ -559,15 +564,16 @@ def _found_examples(view, ids, rows, matched, batch_row, longest):
         position = np.ones(B, dtype=np.int64)  # where the walk of each row goes on after the ledger's examples
         np.add.at(position, batch_row[chain], rows["length"][chain].astype(np.int64))
         walked = np.flatnonzero(ids[:, 0] == eos)
-        starts = walked * L + position[walked]
-        nxt = np.searchsorted(ends, starts)
-        has_end = nxt < len(ends)
-        has_end[has_end] = ends[nxt[has_end]] < (walked[has_end] + 1) * L
-        walked, starts = walked[has_end], starts[has_end]
-        lengths = ends[nxt[has_end]] - starts
-        walk = view.segments.may_parse(flat[np.minimum(starts, len(flat) - 1)], lengths)
-        for r, start in zip(walked[walk].tolist(), starts[walk].tolist()):
-            for offset, *result in view.walk_block(ids[r], start - r * L):
+        walked = walked[position[walked] < L]
+        start = position[walked]
+        # the next segment's length, looked for only as far as a `tokens` example reaches (longer: only a text one
+        # can parse, which its first token decides)
+        columns = start[:, None] + np.arange(view.segments.window)
+        is_end = (ids[walked[:, None], np.minimum(columns, L - 1)] == eos) & (columns < L)
+        length = np.where(is_end.any(axis=1), is_end.argmax(axis=1), view.segments.window)
+        walk = view.segments.may_parse(ids[walked, start], length)
+        for r, p in zip(walked[walk].tolist(), start[walk].tolist()):
+            for offset, *result in view.walk_block(ids[r], p):
                 parsed.append((r, offset, *result))
     for r, offset, spec, item, template, correct in parsed:
         found[view.group_of_spec[spec]] += 1
@@ -651,7 +657,8 @@ def _held_out_in(job: tuple, view: BuildView | None = None, ledger: np.ndarray |
         if len(where):
             rows = row_of[where]
             slots = view.examples.lookup(ledger["spec"][rows], ledger["item"][rows], ledger["template"][rows])
-            matched[where] = view.examples.match(slots, chunk, starts[where])
+            same_length = view.examples.length[slots] == ends[where] - starts[where]
+            matched[where[same_length]] = view.examples.match(slots[same_length], chunk, starts[where[same_length]])
         rows = row_of[matched]
         found_at = [starts[matched]]
         found_spec = [view.first_spec_of_group[ledger["spec"][rows].astype(np.int64)]]

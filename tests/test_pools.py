@@ -127,6 +127,8 @@ def test_verify_fails_naming_an_injected_instance_whose_twin_is_held_out(shared_
     out = capsys.readouterr().out
     a, b = task.instance(item)
     assert f"cmp-a: injected ({a}, {b}) at step {int(row['step'])}, whose twin ({b}, {a}) is held out" in out
+    # the scan of the token files finds it too (a ledger example, matched token for token where the ledger puts it)
+    assert f"cmp-a item {item} ({a}, {b}) at token " in out and f", whose twin ({b}, {a}) is held out" in out
     assert "verify: FAILED" in out
 
 
