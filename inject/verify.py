@@ -29,7 +29,6 @@ Checks, each reported with the step/instance/file it concerns:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from .errors import InjectError
 from .injection import Encoder, task_space
 from .ledger import read_ledger
 from .place import PLAN_FILE, POOLS_FILE
-from .stream import TokenStream
+from .stream import BackgroundHash, TokenStream
 from .tasks import make_task
 
 MAX_LISTED = 20
@@ -771,7 +770,7 @@ def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
     cut_from = instance * L + np.maximum(start, 0)         # the stream's tokens [cut_from, cut_to) are the block
     cut_to = np.maximum(instance * L + np.minimum(end, L), cut_from)
     before_at = cut_from - 1                               # the token before the block in the stream (-1: none)
-    sha, kept = hashlib.sha256(), 0
+    sha, kept = BackgroundHash(), 0  # hashing overlaps reading the next chunk
     before = np.full(len(instance), -1, dtype=np.int64)
     first_token = np.full(len(instance), -1, dtype=np.int64)
     position = 0
@@ -786,8 +785,8 @@ def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
         np.add.at(removed, np.clip(cut_from[a:b] - position, 0, len(chunk)), 1)
         np.add.at(removed, np.clip(cut_to[a:b] - position, 0, len(chunk)), -1)
         keep = np.cumsum(removed[:-1]) == 0
-        part = chunk[keep]
-        sha.update(part.tobytes())
+        part = chunk[keep]  # a new array: it stays as it is while hashed
+        sha.update(part)
         kept += len(part)
         position = stop
     at_boundary = (before_at < 0) | (before == eos)
