@@ -15,6 +15,7 @@ from pathlib import Path
 from inject.errors import ConfigError
 
 from .profile import ClusterProfile, JobResources, seconds
+from .resources import estimate
 
 SLURM_DIR = "slurm"  # inside the runs folder: scripts, logs/, state.json
 
@@ -34,6 +35,8 @@ class Training:
     nodes: int = 1
     estimate: str = ""
     """How the node count was chosen, for the script's header."""
+    params: int = 0
+    """The model's parameters as the node arithmetic counts them (0: not counted): sets the memory estimate."""
     trainer: str = "ai2-olmo"
     """The config's trainer (`olmo-inject train` dispatches on it; it decides how a complete run is recognized)."""
 
@@ -107,25 +110,33 @@ class Submission:
         options += ["--open-mode=append", f"--output={log}", *p.extra_sbatch]
         lines = ["#!/bin/bash", f"# olmo-inject: {title}", f"# cluster profile: {p.name}; rendered by `olmo-inject slurm render`"]
         lines += [f"#SBATCH {o}" for o in options]
-        lines += ["", "set -euo pipefail", *p.setup, f"cd {q(self.workdir)}", ""]
+        setup = own.setup if own is not None and own.setup is not None else p.setup
+        lines += ["", "set -euo pipefail", *setup, f"cd {q(self.workdir)}", ""]
         return lines
 
     def _tokenize_job(self) -> Job:
-        parts = min(self.build_inputs, self.profile.max_array_size)
-        b = self.profile.build
-        command = (f"olmo-inject build {q(self.build_config)} --out {q(self.data)} --workers 1 "
+        p, b = self.profile, self.profile.build
+        # Each task tokenizes its inputs with as many processes as it has CPUs: at least that many inputs a task.
+        parts = max(1, min(math.ceil(self.build_inputs / b.cpus), p.max_array_size))
+        array = f"0-{parts - 1}" + (f"%{p.max_array_running}" if parts > p.max_array_running else "")
+        command = (f"olmo-inject build {q(self.build_config)} --out {q(self.data)} --workers {b.cpus} "
                    f"--part \"$SLURM_ARRAY_TASK_ID/{parts}\"")
+        memory = self._memory(b, "build", workers=b.cpus)
         lines = self._header("build-tokenize", f"tokenize {self.build_inputs} inputs of {self.build_config} in "
-                             f"{parts} array tasks (task K takes inputs i with i % {parts} == K)",
-                             _resources(b, cpus=1), array=f"0-{parts - 1}", own=b)
+                             f"{parts} array tasks (task K takes inputs i with i % {parts} == K), at most "
+                             f"{p.max_array_running} at once", _resources(b, memory[0]), array=array, own=b)
+        lines[2:2] = memory[1:]
         lines += ["echo \"olmo-inject: array task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID on $(hostname)\"",
                   command, ""]
         return Job("build-tokenize", "\n".join(lines), [], "build")
 
     def _finish_job(self) -> Job:
         b = self.profile.build
+        memory = self._memory(b, "build", workers=b.cpus)
         lines = self._header("build-finish", f"finish the build of {self.build_config} into {self.data} "
-                             f"(reuses the array's tokenized inputs; injects, writes, checks)", _resources(b), own=b)
+                             f"(reuses the array's tokenized inputs; injects, writes, checks)",
+                             _resources(b, memory[0]), own=b)
+        lines[2:2] = memory[1:]
         lines += [f"olmo-inject build {q(self.build_config)} --out {q(self.data)} --workers {b.cpus}",
                   f"olmo-inject verify {q(self.data)} --workers {b.cpus}", ""]
         return Job("build-finish", "\n".join(lines), ["build-tokenize"], "build")
@@ -133,13 +144,18 @@ class Submission:
     def _train_job(self, t: Training, after: list[str]) -> Job:
         p = self.profile
         gpus = [f"--gpus-per-node={p.gpus_per_node}"] if p.gpus_per_node else []
+        if p.mem is not None:
+            memory = [p.mem]
+        elif p.gpus_per_node:
+            memory = ["0", "# memory: all of each node's (a GPU profile's training takes whole nodes)"]
+        else:
+            memory = self._memory(JobResources(), "train", params=t.params)
         resources = [f"--nodes={t.nodes}", "--ntasks-per-node=1", *gpus, f"--cpus-per-task={p.cpus_per_node}",
-                     f"--mem={p.mem}", f"--time={p.time_limit}"]
+                     f"--mem={memory[0]}", f"--time={p.time_limit}"]
         run = self.runs / t.name
         title = f"train {t.name} ({t.config}) on {self.data} into {run}, {t.steps:,d} steps"
         lines = self._header(f"train-{t.name}", title, resources, requeue=True)
-        if t.estimate:
-            lines[2:2] = [f"# {t.estimate}"]
+        lines[2:2] = ([f"# {t.estimate}"] if t.estimate else []) + memory[1:]
         overrides = "".join(f" --{o}" for o in t.overrides)
         lines += [
             *self._rendezvous_lines(),
@@ -209,17 +225,28 @@ class Submission:
         device = "cuda" if e.gpus else "cpu"
         args = "".join(f" {q(a)}" for a in self.eval_args or [])
         also = f", then {' and '.join(self.analyses)}" if self.analyses else ""
+        memory = self._memory(e, "eval", params=t.params)
         lines = self._header(f"eval-{t.name}", f"evaluate every checkpoint of {run} (seen vs held-out{also}) after "
-                             "its training job; finished steps are skipped", _resources(e), own=e)
+                             "its training job; finished steps are skipped", _resources(e, memory[0]), own=e)
+        lines[2:2] = memory[1:]
         lines += [f"olmo-inject eval {q(run)} --data {q(self.data)} --device {device}{args}"]
         lines += [f"olmo-inject analyze {a} {q(run)} --data {q(self.data)} --device {device}" for a in self.analyses]
         lines += [""]
         return Job(f"eval-{t.name}", "\n".join(lines), [f"train-{t.name}"], "eval", t.name)
 
 
-def _resources(r: JobResources, cpus: int | None = None) -> list[str]:
+    @staticmethod
+    def _memory(r: JobResources, kind: str, params: int = 0, workers: int = 1) -> list[str]:
+        """[--mem value] from the profile, or [the measured estimate, its arithmetic as a header comment]."""
+        if r.mem is not None:
+            return [r.mem]
+        mem, how = estimate(kind, params, workers)
+        return [mem, f"# {how}"]
+
+
+def _resources(r: JobResources, mem: str) -> list[str]:
     gpus = [f"--gpus={r.gpus}"] if r.gpus else []
-    return ["--ntasks=1", *gpus, f"--cpus-per-task={cpus or r.cpus}", f"--mem={r.mem}", f"--time={r.time_limit}"]
+    return ["--ntasks=1", *gpus, f"--cpus-per-task={r.cpus}", f"--mem={mem}", f"--time={r.time_limit}"]
 
 
 def q(value) -> str:

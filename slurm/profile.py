@@ -29,14 +29,18 @@ class JobResources:
     gpus: int = 0
     """GPUs for the job (evaluation: 1 is plenty; builds: 0)."""
     cpus: int = 4
-    """CPU cores (builds: tokenizer processes)."""
-    mem: str = "32G"
-    """Memory, in SLURM's notation (`32G`; `0` = all of the node's)."""
+    """CPU cores (builds: tokenizer processes, `--workers`; every array task and the finishing job use them all)."""
+    mem: str | None = None
+    """Memory, in SLURM's notation (`32G`; `0` = all of the node's); None: the measured estimate for the job
+    kind (and the run's model size), slurm/resources.py, stated in the script's header."""
     time_limit: str = "04:00:00"
     """Wall-clock limit, D-HH:MM:SS or HH:MM:SS."""
     partition: str | None = None
     """Another partition for these jobs (e.g. a CPU partition for builds; the profile's `constraint` is then
     dropped); None: the profile's partition."""
+    setup: list[str] | None = None
+    """Shell lines these jobs run first instead of the profile's `setup` (e.g. builds on a CPU partition without
+    `module load cuda`); None: the profile's `setup`."""
 
 
 @dataclass
@@ -55,8 +59,9 @@ class ClusterProfile:
     """GPUs on one node; 0 for CPU nodes (training then runs one CPU process per node)."""
     cpus_per_node: int = 64
     """CPU cores a training job takes on each node."""
-    mem: str = "0"
-    """Memory per training node, in SLURM's notation; `0` = all of it."""
+    mem: str | None = None
+    """Memory per training node, in SLURM's notation; `0` = all of it; None: all of it on GPU profiles (training
+    takes whole nodes), the measured estimate for the run's model size on CPU profiles (slurm/resources.py)."""
     time_limit: str = "48:00:00"
     """Wall-clock limit of one training job. Longer runs are fine: the job checkpoints at the limit and requeues."""
     signal_seconds: int = 300
@@ -71,6 +76,9 @@ class ClusterProfile:
     """Expected model FLOPs utilization, for the node-count arithmetic."""
     max_array_size: int = 1001
     """The cluster's MaxArraySize (`scontrol show config`): build arrays are chunked to it."""
+    max_array_running: int = 32
+    """Most tasks of a build array running at once (`--array=0-N%K`): a build does not take a whole partition,
+    nor all of a shared filesystem's bandwidth."""
     rendezvous_ports: list[int] = field(default_factory=lambda: [10000, 29999])
     """[first, last]: a training job's rendezvous port is `first + job id % (last - first + 1)`, so jobs sharing a
     node differ. Keep it below Linux's ephemeral range (32768-60999, `/proc/sys/net/ipv4/ip_local_port_range`):
@@ -83,17 +91,19 @@ class ClusterProfile:
     """Environment for training jobs, exported before launch: NCCL and network settings such as
     `NCCL_SOCKET_IFNAME`, `GLOO_SOCKET_IFNAME`, `NCCL_IB_HCA`, `NCCL_DEBUG`; none by default (NCCL's own choice)."""
     setup: list[str] = field(default_factory=list)
-    """Shell lines every job runs first: `module load ...`, `source ~/venvs/olmo-inject/bin/activate`."""
+    """Shell lines training jobs run first, and evaluation and build jobs unless their own `setup` is given:
+    `module load ...`, `source ~/venvs/olmo-inject/bin/activate`."""
     extra_sbatch: list[str] = field(default_factory=list)
     """More `#SBATCH` options, verbatim, for every job (e.g. `--exclusive`, `--mail-type=FAIL`)."""
-    eval: JobResources = field(default_factory=lambda: JobResources(gpus=1, cpus=8, mem="64G"))
+    eval: JobResources = field(default_factory=lambda: JobResources(gpus=1, cpus=8))
     """Resources of one evaluation job."""
-    build: JobResources = field(default_factory=lambda: JobResources(gpus=0, cpus=8, mem="32G"))
-    """Resources of one build (tokenization) job of the array, and of the finishing job."""
+    build: JobResources = field(default_factory=lambda: JobResources(gpus=0, cpus=8))
+    """Resources of one build (tokenization) task of the array, and of the finishing job."""
 
     def validate(self, source: str = "profile") -> "ClusterProfile":
         problems = []
-        for name in ("gpus_per_node", "cpus_per_node", "max_nodes", "max_array_size", "signal_seconds"):
+        for name in ("gpus_per_node", "cpus_per_node", "max_nodes", "max_array_size", "max_array_running",
+                     "signal_seconds"):
             value = getattr(self, name)
             minimum = 0 if name == "gpus_per_node" else 1
             if not isinstance(value, int) or value < minimum:
@@ -104,8 +114,13 @@ class ClusterProfile:
         for prefix, obj in (("", self), ("eval.", self.eval), ("build.", self.build)):
             if not TIME.match(str(obj.time_limit)):
                 problems.append(f"{prefix}time_limit: expected D-HH:MM:SS or HH:MM:SS, got {obj.time_limit!r}")
-            if not MEMORY.match(str(obj.mem)):
+            if obj.mem is not None and not MEMORY.match(str(obj.mem)):
                 problems.append(f"{prefix}mem: expected SLURM memory like 32G or 0, got {obj.mem!r}")
+        for prefix, obj in (("eval.", self.eval), ("build.", self.build)):
+            if not isinstance(obj.cpus, int) or obj.cpus < 1:
+                problems.append(f"{prefix}cpus: expected an integer >= 1, got {obj.cpus!r}")
+            if obj.setup is not None and not (isinstance(obj.setup, list) and all(isinstance(x, str) for x in obj.setup)):
+                problems.append(f"{prefix}setup: expected a list of strings")
         if not problems and self.signal_seconds >= seconds(self.time_limit) / 2:
             problems.append(f"signal_seconds: {self.signal_seconds} s is half the time limit {self.time_limit} or more")
         ports = self.rendezvous_ports
@@ -168,7 +183,7 @@ def _build(cls, data: dict, source: str, prefix: str = ""):
     for key, value in data.items():
         if key in ("eval", "build"):
             if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {prefix}{key}: expected a mapping of gpus, cpus, mem, time_limit, partition")
+                raise ConfigError(f"{source}: {prefix}{key}: expected a mapping of gpus, cpus, mem, time_limit, partition, setup")
             value = _build(JobResources, value, source, f"{key}.")
         values[key] = value
     return cls(**values)

@@ -42,7 +42,7 @@ def training_for(config: Path, overrides: list[str], profile: ClusterProfile, no
         if not 1 <= nodes <= profile.max_nodes:
             raise ConfigError(f"--nodes: {nodes} for {config.stem} is outside 1..{profile.max_nodes} (profile max_nodes)")
         chosen, estimate = nodes, f"{nodes} node(s), set with --nodes ({estimate})"
-    return Training(config.stem, config, overrides, steps, chosen, estimate, trainer)
+    return Training(config.stem, config, overrides, steps, chosen, estimate, params=params, trainer=trainer)
 
 
 def count_inputs(build_config: Path) -> int:

@@ -77,7 +77,10 @@ def test_reference_ladder_scripts_are_what_a_cluster_accepts():
         options = sbatch_options(job.script)
         assert options["partition"] == ("cpu" if job.kind == "build" else "gpu")  # builds need no GPU
         assert options["account"] == "my-lab" and options["qos"] == "normal"
-        assert "module load cuda/12.4" in job.script and "source $HOME/venvs/olmo-inject/bin/activate" in job.script
+        assert ("module load cuda/12.4" in job.script) == (job.kind != "build")  # the build's own setup lines
+        assert "source $HOME/venvs/olmo-inject/bin/activate" in job.script
+        if job.kind != "train":  # a measured estimate, its arithmetic in the header
+            assert re.search(rf"^# memory {options['mem']}: .* measured", job.script, re.M), job.key
     # Training: whole nodes of 8 GPUs, as many as the FLOPs need in 72 hours, preemption-safe.
     nodes = {t.name: t.nodes for t in sub.trainings}
     assert nodes == {"4M": 1, "20M": 1, "300M": 1, "1B": 2, "4B": 8}
@@ -89,12 +92,21 @@ def test_reference_ladder_scripts_are_what_a_cluster_accepts():
         assert "srun --kill-on-bad-exit=1" in script and f"--nproc 8 --nnodes {t.nodes}" in script
         assert "MASTER_ADDR=$(hostname -I" in script and "MASTER_PORT=$(( 10000 + SLURM_JOB_ID % 20000 ))" in script
         assert jobs[f"train-{t.name}"].after == ["build-finish"] and jobs[f"eval-{t.name}"].after == [f"train-{t.name}"]
+        assert options["mem"] == "0"  # whole nodes
         assert sbatch_options(jobs[f"eval-{t.name}"].script)["gpus"] == "1"
         assert f"olmo-inject analyze interference /scratch/lab/runs/{t.name} --data /scratch/lab/build --device cuda" \
             in jobs[f"eval-{t.name}"].script
-    # The build: 2,500 inputs in an array of at most MaxArraySize (1001) tasks, then one finishing job.
+    # Evaluation memory grows with the model: 16 GiB more for the 4B than for the 4M.
+    mems = [int(sbatch_options(jobs[f"eval-{s}"].script)["mem"].rstrip("G")) for s in ("4M", "4B")]
+    assert mems[0] < 4 and mems[1] > mems[0] + 16, mems
+    # The build: 2,500 inputs over tasks of 8 CPUs, 8 inputs each (313 tasks, under MaxArraySize 1001), at most
+    # 32 running at once; each task and the finishing job run 8 tokenizer processes.
     tokenize = jobs["build-tokenize"].script
-    assert sbatch_options(tokenize)["array"] == "0-1000" and '--part "$SLURM_ARRAY_TASK_ID/1001"' in tokenize
+    options = sbatch_options(tokenize)
+    assert options["array"] == "0-312%32" and '--part "$SLURM_ARRAY_TASK_ID/313"' in tokenize
+    assert options["cpus-per-task"] == "8" and "--workers 8 --part" in tokenize
+    assert options["mem"] == "7G"  # 9 processes x 0.48 GiB x 1.5
+    assert "--workers 8" in jobs["build-finish"].script
     assert jobs["build-finish"].after == ["build-tokenize"]
 
 
@@ -150,7 +162,9 @@ def test_bad_profiles_and_arguments_name_the_field(tmp_path, capsys):
     for text, field in [("gpus_per_node: -1", "gpus_per_node"), ("time_limit: 2 days", "time_limit"),
                         ("eval: {mem: lots}", "eval.mem"), ("partitoin: gpu", "partitoin"),
                         ("setup: module load cuda", "setup"), ("rendezvous_ports: [30000, 40000]", "rendezvous_ports"),
-                        ("rendezvous_ports: [29999, 10000]", "rendezvous_ports"), ("env: {1BAD: x}", "env")]:
+                        ("rendezvous_ports: [29999, 10000]", "rendezvous_ports"), ("env: {1BAD: x}", "env"),
+                        ("max_array_running: 0", "max_array_running"), ("build: {setup: module load x}", "build.setup"),
+                        ("build: {cpus: 0}", "build.cpus"), ("mem: lots", "mem")]:
         bad.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(field)) as e:
             load_profile(bad)
