@@ -246,31 +246,44 @@ class ExampleTokens:
     def __init__(self, view: "BuildView"):
         self.view = view
         self.group = np.asarray(view.group_of_spec, dtype=np.int64)
-        self.slot_of: dict[tuple[int, int, int], int] = {}  # (rendering group, template, item) -> slot
+        self.templates = max(len(e.templates) for e in view.encoders)
+        self.groups = len(view.group_names)
+        self.known = np.zeros(0, dtype=np.int64)       # keys (rendering group, template, item) encoded, ascending
+        self.known_slot = np.zeros(0, dtype=np.int64)  # and their slots
         self.tokens = np.zeros(1 << 16, dtype=np.int32)
         self.start = np.zeros(1 << 10, dtype=np.int64)
         self.length = np.zeros(1 << 10, dtype=np.int64)
         self.slots = self.used = 0
 
+    def _keys(self, spec: np.ndarray, item: np.ndarray, template: np.ndarray) -> np.ndarray:
+        """One int64 per (rendering group, template, item): examples with the same key have the same tokens."""
+        if len(item) and (item.min() < 0 or item.max() >= np.iinfo(np.int64).max // (self.templates * self.groups)
+                          or template.min() < 0 or template.max() >= self.templates):
+            raise InjectError(f"{self.view.path}: the ledger names items {item.min()}..{item.max()}, templates "
+                              f"{template.min()}..{template.max()}: outside every task's instances and templates")
+        return (item * self.templates + template) * self.groups + self.group[spec]
+
     def lookup(self, spec: np.ndarray, item: np.ndarray, template: np.ndarray) -> np.ndarray:
-        """Slots of the examples (encoding the ones not seen before); their tokens are
+        """Slots of the examples (encoding the ones not seen before, one tokenizer call per task); their tokens are
         tokens[start[slot] : start[slot] + length[slot]]."""
-        keys = list(zip(self.group[np.asarray(spec, dtype=np.int64)].tolist(), np.asarray(template).tolist(),
-                        np.asarray(item).tolist()))
-        slots = np.fromiter((self.slot_of.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        spec, item, template = (np.asarray(x, dtype=np.int64) for x in (spec, item, template))
+        keys = self._keys(spec, item, template)
+        where = np.minimum(np.searchsorted(self.known, keys), max(len(self.known) - 1, 0))
+        slots = np.where(self.known[where] == keys, self.known_slot[where], -1) if len(self.known) else np.full(len(keys), -1)
         missing = np.flatnonzero(slots < 0)
         if len(missing):
-            first_of = {}
-            for r in missing.tolist():
-                first_of.setdefault(keys[r], r)
-            new = np.array(list(first_of.values()), dtype=np.int64)
-            spec = np.asarray(spec)
-            for one in np.unique(spec[new]):
-                rows = new[spec[new] == one]
-                encoded = self.view.encoders[int(one)].encode_many(np.asarray(item)[rows], np.asarray(template)[rows])
-                for r, ids in zip(rows.tolist(), encoded):
-                    self.slot_of[keys[r]] = self._add(ids)
-            slots[missing] = [self.slot_of[keys[r]] for r in missing.tolist()]
+            new_keys, first = np.unique(keys[missing], return_index=True)
+            new = missing[first]  # one row for each example not seen before
+            new_slots = np.empty(len(new), dtype=np.int64)
+            for one in np.unique(spec[new]).tolist():
+                chosen = np.flatnonzero(spec[new] == one)
+                encoded = self.view.encoders[one].encode_many(item[new[chosen]], template[new[chosen]])
+                new_slots[chosen] = [self._add(ids) for ids in encoded]
+            self.known = np.concatenate([self.known, new_keys])
+            self.known_slot = np.concatenate([self.known_slot, new_slots])
+            order = np.argsort(self.known, kind="stable")
+            self.known, self.known_slot = self.known[order], self.known_slot[order]
+            slots[missing] = new_slots[np.searchsorted(new_keys, keys[missing])]
         return slots
 
     def _add(self, ids: np.ndarray) -> int:
