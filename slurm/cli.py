@@ -129,3 +129,13 @@ def _print_status(rows: list[dict]) -> None:
         extra = [str(r.get(k)) if r.get(k) is not None else "-" for k in ("step", "last_checkpoint", "evaluated")] \
             if "step" in r else ["", "", ""]
         print(f"{r['job']:24s} {r['id']:>10s} {r['state']:22s} {extra[0]:>8s} {extra[1]:>9s} {extra[2]:>9s}")
+
+
+def register(sub) -> None:
+    """Add `slurm` to `olmo-inject`'s parser (the `olmo_inject.verbs` entry point)."""
+    from inject.cli import add_verb
+
+    p = add_verb(sub, "slurm", "the ladder on a SLURM cluster: builds as job arrays, one training job per size "
+                 "(preemption-safe, requeued), evaluation after each", EXAMPLE.strip())
+    add_arguments(p)
+    p.set_defaults(handler=run)
