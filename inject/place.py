@@ -112,7 +112,8 @@ def may_be_filtered(rows: np.ndarray, max_period: int = 13, repeats: int = 32) -
             together &= equal[:, k : equal.shape[1] - need + 1 + k]
         possible |= together.any(axis=1)
     candidates = np.flatnonzero(possible)
-    possible[candidates] = _has_periodic_run(rows[candidates], max_period, repeats)
+    if len(candidates):
+        possible[candidates] = _has_periodic_run(rows[candidates], max_period, repeats)
     return possible
 
 

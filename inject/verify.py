@@ -424,7 +424,7 @@ def _verify_part(job: tuple, view: BuildView | None = None, ledger: np.ndarray |
     if view is None:
         view = BuildView.load(Path(build_dir))
         view.manifest["_dir"] = Path(build_dir).resolve()
-    ledger = read_ledger(build_dir) if ledger is None else ledger
+    ledger = np.asarray(read_ledger(build_dir) if ledger is None else ledger)  # a plain array over the mapping
     batches = _check_steps(view, ledger, steps, own_loader) if steps else Report()
     return batches, _held_out_in((build_dir, chunks, longest), view, ledger)
 
@@ -794,11 +794,11 @@ def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
             a, b = np.searchsorted(wanted, [position, stop])
             out[a:b] = chunk[wanted[a:b] - position]
         a, b = np.searchsorted(cut_to, position, side="right"), np.searchsorted(cut_from, stop)
-        removed = np.zeros(len(chunk) + 1, dtype=np.int64)
-        np.add.at(removed, np.clip(cut_from[a:b] - position, 0, len(chunk)), 1)
-        np.add.at(removed, np.clip(cut_to[a:b] - position, 0, len(chunk)), -1)
-        keep = np.cumsum(removed[:-1]) == 0
-        part = chunk[keep]  # a new array: it stays as it is while hashed
+        # the pieces between the blocks that reach into this chunk (blocks are disjoint and in stream order)
+        piece_starts = np.concatenate([[0], np.clip(cut_to[a:b] - position, 0, len(chunk))]).tolist()
+        piece_ends = np.concatenate([np.clip(cut_from[a:b] - position, 0, len(chunk)), [len(chunk)]]).tolist()
+        part = np.concatenate([chunk[i:j] for i, j in zip(piece_starts, piece_ends) if j > i] or [chunk[:0]])
+        # (a new array: it stays as it is while hashed)
         sha.update(part)
         kept += len(part)
         position = stop

@@ -187,23 +187,27 @@ def loader_batches(manifest: dict, chosen: list[int], use_filter: bool, report, 
             yield step, batch
 
 
-def _instance_files(dataset) -> list[tuple[int, int, np.ndarray]]:
-    """(first instance, end instance, tokens as [instances, L]) of each token file, as MemMapDataset maps them."""
+def _instance_files(dataset) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(first instance of each token file, its tokens as [instances, L]), as MemMapDataset maps instances to files."""
     L = dataset._chunk_size
-    files = []
+    firsts, files = [], []
     for path, (start, end) in zip(dataset._memmap_paths, dataset.offsets):
-        tokens = np.memmap(path, dtype=dataset.dtype, mode="r")
-        files.append((start, end, tokens[: (end - start) * L].reshape(end - start, L)))
-    return files
+        tokens = np.asarray(np.memmap(path, dtype=dataset.dtype, mode="r"))  # a plain array over the mapping
+        firsts.append(start)
+        files.append(tokens[: (end - start) * L].reshape(end - start, L))
+    return np.array(firsts, dtype=np.int64), files
 
 
 def _read_instances(files, index: np.ndarray) -> np.ndarray:
     """The tokens of the given instances, [len(index), L], in the order given."""
-    out = np.empty((len(index), files[0][2].shape[1]), dtype=files[0][2].dtype)
-    for start, end, tokens in files:
-        inside = np.flatnonzero((index >= start) & (index < end))
-        if len(inside):
-            out[inside] = tokens[index[inside] - start]
+    firsts, arrays = files
+    which = np.searchsorted(firsts, index, side="right") - 1
+    out = np.empty((len(index), arrays[0].shape[1]), dtype=arrays[0].dtype)
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(len(arrays) + 1))
+    for f in np.unique(which).tolist():
+        rows = order[bounds[f] : bounds[f + 1]]
+        out[rows] = arrays[f][index[rows] - firsts[f]]
     return out
 
 
