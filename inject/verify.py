@@ -447,6 +447,7 @@ def _in_processes(function, jobs: list) -> list:
 def _check_steps(view: BuildView, ledger: np.ndarray, chosen: list[int], own_loader=None) -> Report:
     """Replay the target trainer's loader over the given steps (ascending); consecutive steps are read in one pass."""
     manifest, report = view.manifest, Report()
+    ledger = np.asarray(ledger)  # a plain array over the mapping (a memmap's fields cost more to take)
     t = manifest["injection"]["training"]
     steps = t["steps"]
     use_filter = manifest["injection"]["totals"]["instance_filter"] != "off"
@@ -645,7 +646,7 @@ def _held_out_in(job: tuple, view: BuildView | None = None, ledger: np.ndarray |
     (SegmentFilter) are parsed."""
     build_dir, pieces, longest = job
     view = view or BuildView.load(Path(build_dir))
-    ledger = read_ledger(build_dir) if ledger is None else ledger
+    ledger = np.asarray(read_ledger(build_dir) if ledger is None else ledger)
     report, parsed, held = Report(), 0, 0
     outputs = _open_outputs(view)
     positions = _ledger_positions(view, ledger)
