@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -54,18 +55,36 @@ def child_builds(config: str, out: str) -> dict:
 
 
 def child_plan(steps: int, batch: int) -> dict:
+    """The plan (every example drawn, encoded, placed in its batch slot and checked against the capacity, a
+    block of steps at a time) and OLMo's order, each timed in wall and CPU seconds (CPU: all threads of the
+    process; the tokenizer runs on two), with the tokenizer's own share of the plan."""
+    from inject import tokenizer
     from inject.config import from_dict, BuildConfig
     from inject.injection import make_plan, make_specs, olmo_order
 
     config = from_dict(BuildConfig, {"inputs": ["-"], "sequence_length": 2048,
                                      "training": {"global_batch_size": batch, "steps": steps}, "tasks": TASKS}).validate()
-    start = time.perf_counter()
+    encode, spent = tokenizer.encode_texts, [0.0, 0.0]
+
+    def timed_encode(name, texts):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return encode(name, texts)
+        finally:
+            spent[0] += time.perf_counter() - wall
+            spent[1] += time.process_time() - cpu
+
+    tokenizer.encode_texts = timed_encode
+    wall, cpu = time.perf_counter(), time.process_time()
     plan = make_plan(config, make_specs(config))
-    plan_seconds = time.perf_counter() - start
-    start = time.perf_counter()
+    plan_seconds, plan_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    plan_peak = peak_mb()
+    wall, cpu = time.perf_counter(), time.process_time()
     order = olmo_order(steps * batch, batch, 6198, False)
-    return {"plan_seconds": plan_seconds, "examples": plan.examples, "order_seconds": time.perf_counter() - start,
-            "instances": len(order), "peak_mb": peak_mb()}
+    return {"plan_seconds": plan_seconds, "plan_cpu": plan_cpu, "tokenizer_seconds": spent[0], "tokenizer_cpu": spent[1],
+            "examples": plan.examples, "plan_peak_mb": plan_peak, "order_seconds": time.perf_counter() - wall,
+            "order_cpu": time.process_time() - cpu, "instances": len(order), "peak_mb": peak_mb(),
+            "load": os.getloadavg()[0]}
 
 
 def run_child(*args) -> dict:
@@ -80,6 +99,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=4, help="copies of the sample corpus (default 4: ~21M tokens)")
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
     parser.add_argument("--plan-steps", type=int, default=48_829, help="steps of the big plan (x 2048 = 100M instances)")
+    parser.add_argument("--plan-only", action="store_true", help="measure only the big plan")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -88,6 +108,12 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    if not args.plan_only:
+        builds(args)
+    plan(args)
+
+
+def builds(args) -> None:
     from inject.sample import write_sample_corpus
 
     work = args.workdir
@@ -104,16 +130,23 @@ def main() -> None:
               "training": {"global_batch_size": batch, "steps": steps},
               "tasks": [{**TASKS[0], "schedule": {"kind": "even", "rate": 16}}, *TASKS[1:]]}
     (work / "inject.yaml").write_text(yaml.safe_dump(config))
+    print(f"load average {os.getloadavg()[0]:.1f}")
     r = run_child("builds", work / "inject.yaml", work)
     base, inj = r["base"], r["injected"]
     print(f"build, {base['tokens'] / 1e6:.1f}M tokens, {steps:,} steps x {batch} x {seq}, 16 + 0.1 + burst examples/batch:")
     print(f"  base      {base['seconds']:7.1f} s  {base['tokens'] / base['seconds'] / 1e6:6.2f}M tok/s")
     print(f"  injected  {inj['seconds']:7.1f} s  {inj['tokens'] / inj['seconds'] / 1e6:6.2f}M tok/s  "
           f"cost of injection: {100 * (inj['seconds'] / base['seconds'] - 1):+.1f}%")
+
+
+def plan(args) -> None:
     r = run_child("plan", args.plan_steps, 2048)
     print(f"plan, {args.plan_steps:,} steps x 2048 = {r['instances'] / 1e6:.0f}M instances, 1000 + 0.1 + burst examples/batch:")
-    print(f"  plan ({r['examples']:,} examples) {r['plan_seconds']:.1f} s; OLMo order of {r['instances']:,} instances "
-          f"{r['order_seconds']:.1f} s; peak memory {r['peak_mb']:,.0f} MB")
+    print(f"  plan ({r['examples']:,} examples) {r['plan_seconds']:.1f} s wall, {r['plan_cpu']:.1f} s CPU, of which the "
+          f"tokenizer {r['tokenizer_seconds']:.1f} s wall, {r['tokenizer_cpu']:.1f} s CPU; peak memory {r['plan_peak_mb']:,.0f} MB")
+    print(f"  OLMo order of {r['instances']:,} instances {r['order_seconds']:.1f} s wall, {r['order_cpu']:.1f} s CPU; "
+          f"peak memory of plan + order {r['peak_mb']:,.0f} MB")
+    print(f"load average {r['load']:.1f} (1 min) at the end")
 
 
 if __name__ == "__main__":

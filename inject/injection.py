@@ -15,7 +15,9 @@ importing either trainer (tests compare it with both trainers' own code).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import string
 import zlib
 from dataclasses import dataclass, fields, is_dataclass
 from fractions import Fraction
@@ -27,9 +29,10 @@ from .config import BuildConfig, PoolConfig, ScheduleConfig, TaskConfig, Trainin
 from .errors import ConfigError, InjectError
 from . import trainers
 from .order import FIRST_EPOCH, ai2_olmo_order
-from .tasks import EachInstanceItsOwnClass, Singletons, Task, check_template, make_task, parse_text, render_text, template_regex, templates_for
+from .tasks import FIELDS, EachInstanceItsOwnClass, Singletons, Task, check_template, make_task, parse_text, template_regex, templates_for
 
 MAX_NUMBER_TOKENS = 1 << 20
+ENCODE_BATCH = 1 << 15
 
 
 # ---------------------------------------------------------------------------- encodings
@@ -76,7 +79,7 @@ class Encoder:
         self.label_of = {i: v for v, i in self.label_ids.items()}
 
     def _single_token(self, text: str, where: str) -> int:
-        ids = tok.load(self.tokenizer).encode(text, add_special_tokens=False)
+        ids = tok.encode_texts(self.tokenizer, [text])[0]
         if len(ids) != 1:
             raise ConfigError(
                 f"{where}.number_tokens: {text!r} is {len(ids)} tokens {ids} in {self.tokenizer}, not one; "
@@ -85,15 +88,32 @@ class Encoder:
         return ids[0]
 
     def encode_many(self, items: np.ndarray, templates: np.ndarray) -> list[np.ndarray]:
-        instances = [self.task.instance(int(i)) for i in items]
+        flat, starts = self.encode_table(items, templates)
+        return [flat[a:b] for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
+
+    def encode_table(self, items: np.ndarray, templates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of each (item, template) pair, without the closing EOS: one flat int64 array and the start
+        of each pair's ids in it (len(items) + 1 offsets). Text: the prompts are tokenized in one batch, each
+        distinct answer string once (the same string always gives the same ids)."""
+        instances = self.task.instances(np.asarray(items, dtype=np.int64))
         if self.config.encoding == "tokens":
-            return [np.array([self.number_ids[v] for v in inst] + [self.label_ids[self.task.label(inst)]], dtype=np.int64)
-                    for inst in instances]
-        pairs = [render_text(self.task, inst, self.templates[int(t)]) for inst, t in zip(instances, templates)]
-        tokenizer = tok.load(self.tokenizer)
-        prompts = tokenizer.encode_batch([p for p, _ in pairs], add_special_tokens=False)
-        answers = tokenizer.encode_batch([a for _, a in pairs], add_special_tokens=False)
-        return [np.array(p + a, dtype=np.int64) for p, a in zip(prompts, answers)]
+            ids = [[self.number_ids[v] for v in inst] + [self.label_ids[self.task.label(inst)]] for inst in instances]
+            return _flatten(ids, ids)
+        prompts, answers = [], []
+        formats = [_positional(t) for t in self.templates]
+        modulus = getattr(self.task, "modulus", "")
+        for inst, t in zip(instances, np.asarray(templates).tolist()):
+            prompt, answer = formats[t].format(*inst, p=modulus), self.task.answer_text(inst)
+            if prompt.endswith(" "):  # as render_text: the space goes with the answer
+                prompt, answer = prompt[:-1], " " + answer
+            prompts.append(prompt)
+            answers.append(answer)
+        distinct = list(dict.fromkeys(answers))
+        answer_ids = dict(zip(distinct, tok.encode_texts(self.tokenizer, distinct)))
+        # In batches: the tokenizer's Encoding objects weigh far more than the ids kept.
+        prompt_ids = [ids for x in range(0, len(prompts), ENCODE_BATCH)
+                      for ids in tok.encode_texts(self.tokenizer, prompts[x : x + ENCODE_BATCH])]
+        return _flatten(prompt_ids, [answer_ids[a] for a in answers])
 
     def parse(self, ids: np.ndarray) -> tuple[int, int, bool] | None:
         """(item, template, answer correct) of an example's ids (without EOS), or None."""
@@ -114,6 +134,28 @@ class Encoder:
             return None
         instance, template, correct = found
         return self.task.index(instance), template, correct
+
+
+def _positional(template: str) -> str:
+    """A template's prompt part (as `render_text` formats it) with the instance's numbers by position ({0},
+    {1}, ...; {p} stays by name): one format call per example, no dict."""
+    out = []
+    for literal, field, spec, conversion in string.Formatter().parse(template[: -len("{answer}")]):
+        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field is not None:
+            name = field if field == "p" else str(FIELDS.index(field))
+            out.append("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
+    return "".join(out)
+
+
+def _flatten(first: list[list[int]], second: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """first[i] + second[i] for every i, as one flat array and start offsets (second may be `first`: then once)."""
+    parts = first if second is first else [x for pair in zip(first, second) for x in pair]
+    lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    flat = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64, count=int(lengths.sum()))
+    if second is not first:
+        lengths = lengths.reshape(-1, 2).sum(axis=1)
+    return flat, np.concatenate([[0], np.cumsum(lengths)])
 
 
 # ---------------------------------------------------------------------------- pools
@@ -491,19 +533,96 @@ def make_specs(config: BuildConfig) -> list[Spec]:
     return specs
 
 
-def draw_items(config: BuildConfig, spec: Spec, n: int, rng: np.random.Generator) -> np.ndarray:
-    """The seen instances of a task's n examples, in order.
-
-    cycle / no-repeat: the first min(n, part size) instances of the task's part, in an order shuffled once (the
-    same order for tasks of one share group), repeated; uniform: with replacement over the part."""
-    if spec.config.pool.draw == "uniform":
-        return spec.pool.uniform_items(spec.part, n, rng)
+def draw_cycle(config: BuildConfig, spec: Spec, n: int) -> np.ndarray:
+    """cycle / no-repeat: the first min(n, part size) instances of the task's part, in an order shuffled once
+    (the same order for tasks of one share group); example k draws cycle[k % len(cycle)]."""
     base = spec.first_seen(n)
     if not len(base):
         return base
     label = spec.pool.parts[spec.part]
-    order = np.random.default_rng([config.seed, _stable_seed("cycle", spec.space, label)]).permutation(len(base))
-    return base[order][np.arange(n) % len(base)]
+    return base[np.random.default_rng([config.seed, _stable_seed("cycle", spec.space, label)]).permutation(len(base))]
+
+
+def draw_items(config: BuildConfig, spec: Spec, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The seen instances of a task's n examples, in order (cycle / no-repeat: `draw_cycle` repeated; uniform:
+    with replacement over the part)."""
+    if spec.config.pool.draw == "uniform":
+        return spec.pool.uniform_items(spec.part, n, rng)
+    cycle = draw_cycle(config, spec, n)
+    return cycle[np.arange(n) % len(cycle)] if len(cycle) else cycle
+
+
+DRAW_CHUNK = 1 << 22
+
+
+@dataclass
+class Draws:
+    """One task's examples, by their index k in the task's own order (step order): the seen instance drawn, the
+    template, and the row of the example's token ids in `flat`/`starts`. Kept compact: cycle draws keep only the
+    cycle (at most the task's part); templates per example only when the task has several (int16); uniform draws
+    keep each example's instance and token row."""
+
+    count: int
+    templates_per_item: int
+    cycle: np.ndarray | None      # cycle / no-repeat: example k is cycle[k % len(cycle)]
+    items: np.ndarray | None      # uniform: every example's instance
+    templates: np.ndarray | None  # every example's template; None: the task has one template
+    row_of_key: np.ndarray | None  # cycle with several templates: token row of (k % len(cycle)) * T + template
+    rows: np.ndarray | None       # uniform: every example's token row
+    flat: np.ndarray              # token ids of every distinct (instance, template), without EOS
+    starts: np.ndarray
+    lengths: np.ndarray           # per token row: its tokens and the closing EOS
+
+    def item(self, k: np.ndarray) -> np.ndarray:
+        return self.items[k] if self.items is not None else self.cycle[k % len(self.cycle)]
+
+    def template(self, k: np.ndarray) -> np.ndarray:
+        return self.templates[k] if self.templates is not None else np.zeros(len(k), np.int16)
+
+    def row(self, k: np.ndarray) -> np.ndarray:
+        if self.rows is not None:
+            return self.rows[k]
+        position = k % len(self.cycle)
+        if self.templates is None:
+            return position
+        return self.row_of_key[position * self.templates_per_item + self.templates[k]]
+
+
+def make_draws(config: BuildConfig, spec: Spec, n: int) -> Draws:
+    """A task's n examples: instances drawn, templates drawn (with the same generator, after the instances), and
+    each distinct (instance, template) encoded once."""
+    rng = np.random.default_rng([config.seed, _stable_seed("draws", spec.name)])
+    T = len(spec.encoder.templates)
+    uniform = spec.config.pool.draw == "uniform"
+    items = spec.pool.uniform_items(spec.part, n, rng) if uniform else None
+    cycle = None if uniform else draw_cycle(config, spec, n)
+    # Drawn in chunks: PCG64 keeps its spare 32 bits between calls, so the values are those of one call.
+    templates = None if T == 1 else np.concatenate(
+        [np.zeros(0, np.int16)] + [rng.integers(0, T, min(DRAW_CHUNK, n - x)).astype(np.int16) for x in range(0, n, DRAW_CHUNK)])
+    row_of_key = rows = None
+    if uniform:
+        keys = items * T + (templates if templates is not None else 0)
+        unique, inverse = np.unique(keys, return_inverse=True)
+        rows = inverse.astype(np.int64)
+    elif templates is None:
+        unique = np.arange(len(cycle), dtype=np.int64)  # every position of the cycle is drawn (len(cycle) <= n)
+    else:
+        used = np.zeros(len(cycle) * T, dtype=bool)
+        for x in range(0, n, DRAW_CHUNK):
+            k = np.arange(x, min(x + DRAW_CHUNK, n))
+            used[(k % len(cycle)) * T + templates[k]] = True
+        unique = np.flatnonzero(used)
+        row_of_key = np.full(len(used), -1, dtype=np.int64)
+        row_of_key[unique] = np.arange(len(unique))
+    pool_items = items if uniform else cycle
+    encoded_items = unique // T if uniform else pool_items[unique // T]
+    flat, starts = spec.encoder.encode_table(encoded_items, unique % T)
+    lengths = np.diff(starts) + 1
+    L = config.sequence_length
+    if len(lengths) and lengths.max() > L - 1:
+        raise ConfigError(f"tasks[{spec.index}]: an example of {int(lengths.max())} tokens (with EOS) does not fit "
+                          f"an instance of sequence_length {L} after its leading EOS")
+    return Draws(n, T, cycle, items, templates, row_of_key, rows, flat, starts, lengths)
 
 
 def pool_arrays(specs: list[Spec]) -> dict[str, np.ndarray]:
@@ -523,8 +642,8 @@ def pool_record(spec: Spec) -> dict:
 
 
 @dataclass
-class Plan:
-    """Every injected example, in (step, task) order, and where it goes."""
+class PlanRows:
+    """Injected examples of a range of steps, one row each in (step, task) order, and where each goes."""
 
     specs: list[Spec]
     batch_size: int
@@ -556,12 +675,24 @@ class Plan:
         """The OLMo instance that holds each example, under the given global order."""
         return order[self.batch_positions()].astype(np.int64)
 
+    def _dense_key(self) -> tuple[np.ndarray, int, int] | None:
+        """(batch position - low, low, span) when the positions span little more than the rows: then counting
+        sorts (bincount) replace sorting."""
+        key = self.batch_positions()
+        low, span = int(key.min()), int(key.max() - key.min()) + 1
+        return (key - low, low, span) if span <= 4 * len(key) + (1 << 22) else None
+
     def layout(self) -> None:
         """Offsets from slots: each instance's block starts with EOS; its examples follow in plan order."""
         if not self.examples:
             return
+        dense = self._dense_key()
+        if dense is not None and np.bincount(dense[0], minlength=dense[2]).max() == 1:
+            self.offset[:] = 1  # one example per instance (the common case): no sort
+            return
+        key = self.batch_positions()
         rows = np.lexsort((np.arange(self.examples), self.slot, self.step))
-        key = self.batch_positions()[rows]
+        key = key[rows]
         length = self.length[rows]
         ends = np.cumsum(length)
         group_start = np.concatenate([[True], key[1:] != key[:-1]])
@@ -570,48 +701,137 @@ class Plan:
 
     def block_lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(step, slot, block length) of every instance that holds examples, sorted by (step, slot)."""
+        dense = self._dense_key()
+        if dense is not None:
+            key, low, span = dense
+            occupied = np.bincount(key, minlength=span) > 0
+            totals = np.bincount(key, weights=self.length, minlength=span)[occupied].astype(np.int64) + 1
+            unique = np.flatnonzero(occupied) + low
+            return (unique // self.batch_size + 1), unique % self.batch_size, totals
         key = self.batch_positions()
         unique, inverse = np.unique(key, return_inverse=True)
         totals = np.bincount(inverse, weights=self.length, minlength=len(unique)).astype(np.int64) + 1
         return (unique // self.batch_size + 1), unique % self.batch_size, totals
 
 
+@dataclass
+class BlockStats:
+    """The blocks (instances holding examples) of a plan, summed: what the capacity check, the instance count and
+    the manifest need, without a row per block. Lengths count the block's leading EOS."""
+
+    count: int
+    tokens: int
+    step_tokens: np.ndarray   # per step (index 0 = step 1): its blocks' tokens
+    step_blocks: np.ndarray   # per step: its blocks
+    longest: int
+    longest_step: int         # the first step holding a block of `longest` tokens
+
+    @classmethod
+    def of(cls, parts: list["BlockStats"]) -> "BlockStats":
+        step_tokens = np.sum([p.step_tokens for p in parts], axis=0)
+        step_blocks = np.sum([p.step_blocks for p in parts], axis=0)
+        best = max(parts, key=lambda p: p.longest)  # max keeps the first of equals: the earliest step
+        return cls(sum(p.count for p in parts), sum(p.tokens for p in parts), step_tokens, step_blocks, best.longest,
+                   best.longest_step)
+
+
+def block_stats(rows: PlanRows, steps: int) -> BlockStats:
+    """BlockStats of the rows (any range of steps; step_* arrays cover all `steps`)."""
+    step_tokens, step_blocks = np.zeros(steps, np.float64), np.zeros(steps, np.float64)
+    if not rows.examples:
+        return BlockStats(0, 0, step_tokens, step_blocks, 0, 0)
+    step, _, lengths = rows.block_lengths()
+    step_tokens += np.bincount(step - 1, weights=lengths, minlength=steps)
+    step_blocks += np.bincount(step - 1, minlength=steps)
+    top = int(lengths.argmax())
+    return BlockStats(len(lengths), int(lengths.sum()), step_tokens, step_blocks, int(lengths[top]), int(step[top]))
+
+
+PLAN_STEPS_PER_BLOCK = 1 << 10
+
+
+@dataclass
+class Plan:
+    """Every injected example, in (step, task) order, kept compact: per-step counts and each task's draws.
+    `rows(first, stop)` lays out the examples of a range of steps; `blocks()` streams the whole plan that way."""
+
+    specs: list[Spec]
+    batch_size: int
+    sequence_length: int
+    counts: np.ndarray       # [steps, specs] examples per step and task
+    draws: list[Draws]
+    stats: BlockStats | None = None  # the blocks summed (set by make_plan, which checks capacity with it)
+
+    def __post_init__(self):
+        self.task_first = np.concatenate([np.zeros((1, len(self.specs)), np.int64), np.cumsum(self.counts, axis=0)])
+        self.step_first = np.concatenate([[0], np.cumsum(self.counts.sum(axis=1))]).astype(np.int64)
+        self._all: PlanRows | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.counts)
+
+    @property
+    def examples(self) -> int:
+        return int(self.step_first[-1])
+
+    def rows(self, first: int, stop: int) -> PlanRows:
+        """The examples of steps first+1 .. stop, laid out (slots round robin, offsets)."""
+        counts, S, B = self.counts[first:stop], len(self.specs), self.batch_size
+        flat = counts.ravel()
+        step = np.repeat(np.repeat(np.arange(first + 1, stop + 1, dtype=np.int32), S), flat)
+        spec = np.repeat(np.tile(np.arange(S, dtype=np.int16), stop - first), flat)
+        n = len(step)
+        item, template = np.zeros(n, np.int64), np.zeros(n, np.int16)
+        token_ref, length = np.zeros(n, np.int64), np.zeros(n, np.int32)
+        for s, draws in enumerate(self.draws):
+            k = np.arange(self.task_first[first, s], self.task_first[stop, s])
+            if not len(k):
+                continue
+            where = slice(None) if len(k) == n else spec == s
+            item[where], template[where] = draws.item(k), draws.template(k)
+            token_ref[where] = ref = draws.row(k)
+            length[where] = draws.lengths[ref]
+        # Round robin over the batch's instances: example j of a step goes to slot j mod B.
+        per_step = counts.sum(axis=1)
+        j = np.arange(n) - np.repeat(self.step_first[first:stop] - self.step_first[first], per_step)
+        rows = PlanRows(self.specs, B, self.sequence_length, step, spec, item, template, (j % B).astype(np.int64),
+                        np.zeros(n, np.int64), length, [(d.flat, d.starts) for d in self.draws], token_ref)
+        rows.layout()
+        return rows
+
+    def blocks(self, steps_per_block: int = PLAN_STEPS_PER_BLOCK):
+        """(first step index, rows) for consecutive ranges of steps: the whole plan, a bounded part at a time."""
+        for first in range(0, self.steps, steps_per_block):
+            yield first, self.rows(first, min(first + steps_per_block, self.steps))
+
+    def all_rows(self) -> PlanRows:
+        """Every example's row at once (memory per example: the build's placement still needs them together)."""
+        if self._all is None:
+            parts = [rows for _, rows in self.blocks()]
+            self._all = parts[0] if len(parts) == 1 else PlanRows(
+                self.specs, self.batch_size, self.sequence_length,
+                *(np.concatenate([getattr(p, name) for p in parts]) for name in
+                  ("step", "spec", "item", "template", "slot", "offset", "length")),
+                parts[0].token_table, np.concatenate([p.token_ref for p in parts]))
+        return self._all
+
+    # Columns of every example (tests and small plans).
+    step = property(lambda self: self.all_rows().step)
+    spec = property(lambda self: self.all_rows().spec)
+    item = property(lambda self: self.all_rows().item)
+    template = property(lambda self: self.all_rows().template)
+    slot = property(lambda self: self.all_rows().slot)
+    offset = property(lambda self: self.all_rows().offset)
+    length = property(lambda self: self.all_rows().length)
+
+
 def make_plan(config: BuildConfig, specs: list[Spec]) -> Plan:
     steps, B, L = config.training.steps, config.training.global_batch_size, config.sequence_length
     counts = np.stack([s.counts for s in specs], axis=1) if specs else np.zeros((steps, 0), np.int64)
-    flat = counts.ravel()
-    step = np.repeat(np.repeat(np.arange(1, steps + 1), len(specs)), flat).astype(np.int32)
-    spec = np.repeat(np.tile(np.arange(len(specs)), steps), flat).astype(np.int16)
-    item = np.zeros(len(step), dtype=np.int64)
-    template = np.zeros(len(step), dtype=np.int16)
-    length = np.zeros(len(step), dtype=np.int32)
-    token_ref = np.zeros(len(step), dtype=np.int64)
-    token_table = []
-    for s in specs:
-        mask = spec == s.index
-        n = int(mask.sum())
-        rng = np.random.default_rng([config.seed, _stable_seed("draws", s.name)])
-        item[mask] = draw_items(config, s, n, rng)
-        template[mask] = rng.integers(0, len(s.encoder.templates), n)
-        keys = item[mask] * len(s.encoder.templates) + template[mask]
-        unique, inverse = np.unique(keys, return_inverse=True)
-        ids = s.encoder.encode_many(unique // len(s.encoder.templates), unique % len(s.encoder.templates))
-        lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
-        if len(lengths) and lengths.max() > L - 1:
-            raise ConfigError(f"tasks[{s.index}]: an example of {int(lengths.max())} tokens (with EOS) does not fit "
-                              f"an instance of sequence_length {L} after its leading EOS")
-        starts = np.concatenate([[0], np.cumsum(lengths - 1)])
-        table = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        token_table.append((table, starts))
-        token_ref[mask] = inverse
-        length[mask] = lengths[inverse]
-    # Round robin over the batch's instances: example j of a step goes to slot j mod B.
-    per_step = counts.sum(axis=1)
-    first = np.repeat(np.concatenate([[0], np.cumsum(per_step)[:-1]]), per_step)
-    j = np.arange(len(step)) - first
-    slot = (j % B).astype(np.int64)
-    plan = Plan(specs, B, L, step, spec, item, template, slot, np.zeros(len(step), np.int64), length, token_table, token_ref)
-    plan.layout()
+    draws = [make_draws(config, s, int(counts[:, s.index].sum())) for s in specs]
+    plan = Plan(specs, B, L, counts, draws)
+    plan.stats = BlockStats.of([block_stats(rows, steps) for _, rows in plan.blocks()]) if steps else None
     _check_capacity(config, plan, counts)
     return plan
 
@@ -620,16 +840,15 @@ def _check_capacity(config: BuildConfig, plan: Plan, counts: np.ndarray) -> None
     B, L = plan.batch_size, plan.sequence_length
     if not plan.examples:
         return
-    steps, _, blocks = plan.block_lengths()
-    if blocks.max() > L:
-        raise ConfigError(f"tasks: step {int(steps[blocks.argmax()])} needs {int(blocks.max())} tokens in one instance "
+    stats = plan.stats
+    if stats.longest > L:
+        raise ConfigError(f"tasks: step {stats.longest_step} needs {stats.longest} tokens in one instance "
                           f"(sequence_length {L}); lower the rates")
-    per_step = np.bincount(steps - 1, weights=blocks, minlength=config.training.steps)
-    share = per_step / (B * L)
+    share = stats.step_tokens / (B * L)
     worst = int(share.argmax())
     if share[worst] > config.max_batch_share:
         names = ", ".join(f"{s.name}={int(counts[worst, s.index])}" for s in plan.specs if counts[worst, s.index])
-        raise ConfigError(f"max_batch_share: step {worst + 1} holds {int(per_step[worst]):,} injected tokens ({names}), "
+        raise ConfigError(f"max_batch_share: step {worst + 1} holds {int(stats.step_tokens[worst]):,} injected tokens ({names}), "
                           f"{share[worst]:.1%} of the batch's {B * L:,} tokens; the limit is {config.max_batch_share:.0%}")
 
 

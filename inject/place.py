@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -33,7 +34,8 @@ from . import trainers
 from .config import BuildConfig
 from .configtools import to_dict
 from .errors import InjectError
-from .injection import Plan, check_epoch, make_plan, make_specs, order_digest, pool_arrays, pool_record, training_order
+from .injection import (BlockStats, Plan, PlanRows, block_stats, check_epoch, make_plan, make_specs, order_digest, pool_arrays,
+                        pool_record, training_order)
 from .ledger import LEDGER, write_ledger
 from .stream import OutputWriter, TokenStream
 
@@ -44,16 +46,13 @@ POOLS_FILE = "pools.npz"
 @dataclass
 class Injection:
     plan: Plan
-    block_steps: np.ndarray
-    block_slots: np.ndarray
-    block_lengths: np.ndarray
+    blocks: BlockStats  # the instances that hold examples, summed (lengths count a leading EOS)
 
 
 def prepare_injection(config: BuildConfig) -> Injection:
     """Everything about the injection that does not depend on the corpus (all config errors surface here)."""
     plan = make_plan(config, make_specs(config))
-    steps, slots, lengths = plan.block_lengths() if plan.examples else (np.zeros(0, np.int64),) * 3
-    return Injection(plan, steps, slots, lengths)
+    return Injection(plan, plan.stats)
 
 
 def opens_with_eos(placement: str) -> bool:
@@ -61,16 +60,18 @@ def opens_with_eos(placement: str) -> bool:
     return placement != "document-boundary"
 
 
-def block_tokens(config: BuildConfig, injection: Injection) -> np.ndarray:
-    """Tokens of each instance's block as written (plan.block_lengths counts a leading EOS)."""
-    return injection.block_lengths - (0 if opens_with_eos(config.placement) else 1)
+def injected_tokens(config: BuildConfig, injection: Injection, per_step: bool = False):
+    """Tokens of the blocks as written (BlockStats count a leading EOS, which a document boundary's EOS replaces):
+    in all, or per step (index 0 = step 1)."""
+    blocks, lead = injection.blocks, 1 - opens_with_eos(config.placement)
+    return blocks.step_tokens - lead * blocks.step_blocks if per_step else blocks.tokens - lead * blocks.count
 
 
 def num_instances(config: BuildConfig, injection: Injection, stream_tokens: int) -> int:
     L = config.sequence_length
     if config.placement == "sequence-start":
         return stream_tokens // L
-    return (stream_tokens + int(block_tokens(config, injection).sum())) // L
+    return (stream_tokens + injected_tokens(config, injection)) // L
 
 
 def arrange(placement: str, block: np.ndarray, dolma: np.ndarray, after_eos: bool, eos: int) -> tuple[np.ndarray, int, bool]:
@@ -169,23 +170,24 @@ class RandomAccess:
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def instance_blocks(plan: Plan, example_instance: np.ndarray, eos: int, dtype,
-                    lead: bool = True) -> list[tuple[int, np.ndarray]]:
+def instance_blocks(plan: PlanRows, example_instance: np.ndarray, eos: int, dtype,
+                    lead: bool = True) -> Iterator[tuple[int, np.ndarray]]:
     """(instance, block) for every instance holding examples, ascending: each example and its EOS, after
-    a leading EOS when `lead`."""
+    a leading EOS when `lead`. Made one at a time (a list of them would cost a Python object per block)."""
     by_instance = np.lexsort((plan.offset, example_instance))
-    blocks, current, parts = [], None, []
+    current, parts = None, []
     opening = [np.array([eos], dtype=dtype)] if lead else []
-    for row in by_instance:
-        instance = int(example_instance[row])
-        if instance != current:
-            if current is not None:
-                blocks.append((current, np.concatenate(parts)))
-            current, parts = instance, list(opening)
-        parts += [plan.tokens_of(row).astype(dtype), np.array([eos], dtype=dtype)]
+    closing = np.array([eos], dtype=dtype)
+    for first in range(0, len(by_instance), 1 << 16):
+        rows = by_instance[first : first + (1 << 16)]
+        for row, instance in zip(rows.tolist(), example_instance[rows].tolist()):
+            if instance != current:
+                if current is not None:
+                    yield current, np.concatenate(parts)
+                current, parts = instance, list(opening)
+            parts += [plan.tokens_of(row).astype(dtype), closing]
     if current is not None:
-        blocks.append((current, np.concatenate(parts)))
-    return blocks
+        yield current, np.concatenate(parts)
 
 
 def instance_contents(config: BuildConfig, blocks, source: RandomAccess, eos: int):
@@ -207,7 +209,7 @@ def avoid_filtered_instances(config: BuildConfig, injection: Injection, order: n
                              eos: int, dtype) -> set[int]:
     """Move examples out of instances that OLMo's repetition filter would mask (their text may repeat) into
     a free instance of the same batch. Returns the instances still masked (none, unless no room is left)."""
-    plan, B = injection.plan, config.training.global_batch_size
+    plan, B = injection.plan.all_rows(), config.training.global_batch_size
     avoided: set[tuple[int, int]] = set()
     masked: set[int] = set()
     for _ in range(B + 1):  # each round rules out at least one slot of a batch
@@ -231,11 +233,11 @@ def avoid_filtered_instances(config: BuildConfig, injection: Injection, order: n
         if not moved:
             break
         plan.layout()
-        injection.block_steps, injection.block_slots, injection.block_lengths = plan.block_lengths()
+        injection.blocks = block_stats(plan, config.training.steps)
     return masked
 
 
-def _clean_slot(plan: Plan, step: int, rows: np.ndarray, avoided: set, L: int) -> int | None:
+def _clean_slot(plan: PlanRows, step: int, rows: np.ndarray, avoided: set, L: int) -> int | None:
     """A slot of the batch not known to be masked: a free one first, else one whose block has room."""
     in_step = plan.step == step
     used = plan.slot[in_step]
@@ -252,7 +254,7 @@ def _clean_slot(plan: Plan, step: int, rows: np.ndarray, avoided: set, L: int) -
 
 
 def write_injected(config: BuildConfig, injection: Injection, stream: TokenStream, out_dir: Path) -> tuple[list[dict], dict]:
-    plan, L, t = injection.plan, config.sequence_length, config.training
+    plan, L, t = injection.plan.all_rows(), config.sequence_length, config.training
     B = t.global_batch_size
     N = num_instances(config, injection, stream.total)
     check_epoch(config, N)
@@ -332,7 +334,7 @@ def write_injected(config: BuildConfig, injection: Injection, stream: TokenStrea
 
 def injection_summary(config, injection: Injection, N: int, order, overwritten: int, masked: int,
                       kept: int, kept_sha: str, without_boundary: int) -> dict:
-    plan, t = injection.plan, config.training
+    plan, t = injection.plan.all_rows(), config.training
     B, L = t.global_batch_size, config.sequence_length
     tasks = []
     for s in plan.specs:
@@ -349,18 +351,16 @@ def injection_summary(config, injection: Injection, N: int, order, overwritten: 
             "exposures_per_seen_instance": examples / s.seen_size,
             "distinct_seen_instances_injected": int(len(np.unique(plan.item[mask]))),
         })
-    blocks = block_tokens(config, injection)
     return {
         "training": to_dict(t), "placement": config.placement, "num_instances": N,
         "epochs_used": t.steps * B / N,
         "order_sha256": order_digest(order, t.steps * B),
         "tasks": tasks,
         "totals": {
-            "examples": plan.examples, "injected_tokens": int(blocks.sum()),
-            "instances_with_examples": len(blocks),
+            "examples": plan.examples, "injected_tokens": int(injected_tokens(config, injection)),
+            "instances_with_examples": injection.blocks.count,
             "blocks_without_boundary": without_boundary,
-            "max_batch_share": float(np.bincount(injection.block_steps - 1, weights=blocks,
-                                                 minlength=t.steps).max() / (B * L)) if plan.examples else 0.0,
+            "max_batch_share": float(injected_tokens(config, injection, per_step=True).max() / (B * L)) if plan.examples else 0.0,
             "overwritten_dolma_tokens": overwritten,
             "instances_masked_by_olmo_filter": masked,
             "instance_filter": config.instance_filter,

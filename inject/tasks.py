@@ -141,6 +141,10 @@ class Task(EachInstanceItsOwnClass):
         """Inverse of `instance`, or None when the tuple is not in the space."""
         raise NotImplementedError
 
+    def instances(self, items: np.ndarray) -> list[tuple[int, ...]]:
+        """`instance` of each id (tasks override it with a vectorized version)."""
+        return [self.instance(i) for i in np.asarray(items, dtype=np.int64).tolist()]
+
     def answer(self, instance: tuple[int, ...]) -> int:
         """The answer, as an index into `candidates(instance)`."""
         raise NotImplementedError
@@ -203,6 +207,10 @@ class Comparison(Task):
         i, j = divmod(int(index), self.count - 1)
         j += j >= i
         return self.low + i, self.low + j
+
+    def instances(self, items):
+        i, j = self._pairs(items)
+        return list(zip((self.low + i).tolist(), (self.low + j).tolist()))
 
     def index(self, instance):
         if len(instance) != 2:
@@ -288,6 +296,9 @@ class ModularAddition(Task):
             index, d = divmod(index, self.modulus)
             digits.append(d)
         return tuple(reversed(digits))
+
+    def instances(self, items):
+        return list(map(tuple, self._digits(items).tolist()))
 
     def index(self, instance):
         if len(instance) != self.operands or not all(0 <= x < self.modulus for x in instance):

@@ -99,6 +99,12 @@ def encode_documents(name: str, texts: list[str]) -> list[list[int]]:
     return documents
 
 
+def encode_texts(name: str, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, nothing added, exactly as OLMo's `Tokenizer.encode_batch(texts,
+    add_special_tokens=False)` gives them (its base tokenizer's ids; no torch import)."""
+    return [encoding.ids for encoding in load_base(name).encode_batch_fast(texts)]
+
+
 def check_dtype_fits(name: str, dtype: str) -> None:
     """Refuse a token-file dtype too narrow for the tokenizer's ids."""
     top = max(vocab_size(name), get_spec(name).pad_token_id + 1, get_spec(name).eos_token_id + 1) - 1
