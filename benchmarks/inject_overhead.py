@@ -1,7 +1,8 @@
 """Injection cost: (1) an injected build against the base build of the same corpus, same process;
-(2) the plan and OLMo's order for a 100-million-instance run: time and peak memory.
+(2) the plan and OLMo's order for a 100-million-instance run: time and peak memory (and what the build's
+placement adds on top of them).
 
-    python benchmarks/inject_overhead.py [--repeat 4] [--workdir bench-out]
+    python benchmarks/inject_overhead.py [--repeat 4] [--workdir bench-out] [--plan-only]
 
 Each measurement runs in a fresh child process, so its peak RSS is its own.
 """
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 TASKS = [
@@ -81,10 +83,16 @@ def child_plan(steps: int, batch: int) -> dict:
     plan_peak = peak_mb()
     wall, cpu = time.perf_counter(), time.process_time()
     order = olmo_order(steps * batch, batch, 6198, False)
-    return {"plan_seconds": plan_seconds, "plan_cpu": plan_cpu, "tokenizer_seconds": spent[0], "tokenizer_cpu": spent[1],
-            "examples": plan.examples, "plan_peak_mb": plan_peak, "order_seconds": time.perf_counter() - wall,
-            "order_cpu": time.process_time() - cpu, "instances": len(order), "peak_mb": peak_mb(),
-            "load": os.getloadavg()[0]}
+    result = {"plan_seconds": plan_seconds, "plan_cpu": plan_cpu, "tokenizer_seconds": spent[0], "tokenizer_cpu": spent[1],
+              "examples": plan.examples, "plan_peak_mb": plan_peak, "order_seconds": time.perf_counter() - wall,
+              "order_cpu": time.process_time() - cpu, "instances": len(order), "peak_mb": peak_mb()}
+    # What the build's placement adds today: every example's row at once, its instance, sorted by instance.
+    wall = time.perf_counter()
+    rows = plan.all_rows()
+    instance = rows.instances(order)
+    np.lexsort((rows.offset, instance))
+    result.update(placement_seconds=time.perf_counter() - wall, placement_peak_mb=peak_mb(), load=os.getloadavg()[0])
+    return result
 
 
 def run_child(*args) -> dict:
@@ -146,6 +154,8 @@ def plan(args) -> None:
           f"tokenizer {r['tokenizer_seconds']:.1f} s wall, {r['tokenizer_cpu']:.1f} s CPU; peak memory {r['plan_peak_mb']:,.0f} MB")
     print(f"  OLMo order of {r['instances']:,} instances {r['order_seconds']:.1f} s wall, {r['order_cpu']:.1f} s CPU; "
           f"peak memory of plan + order {r['peak_mb']:,.0f} MB")
+    print(f"  the build's placement (every example's row at once, its instance, sorted by instance) "
+          f"{r['placement_seconds']:.1f} s more; peak memory {r['placement_peak_mb']:,.0f} MB")
     print(f"load average {r['load']:.1f} (1 min) at the end")
 
 

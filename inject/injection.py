@@ -3,7 +3,10 @@
 Everything here is decided before a token is written, from the config and the number of instances N:
 
   specs      task + encoding + seen/held-out pools + per-step counts (the schedule)
-  examples   one row per injected example, ordered by (step, task): the seen instance drawn, template
+  draws      per task, its examples in order: the seen instance drawn, template, token ids (each distinct
+             (instance, template) encoded once); cycle draws keep only the cycle, not a row per example
+  examples   one row per injected example, ordered by (step, task), made a block of steps at a time
+             (`Plan.rows`, `Plan.blocks`): memory per block, not per run
   slots      example j of a batch goes to the batch's instance j mod B (round robin), so that examples
              spread over the batch; the instance is OLMo's order[b*B + slot]
   blocks     an instance that holds examples starts with EOS, then each example followed by EOS
