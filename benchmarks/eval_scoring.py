@@ -1,12 +1,26 @@
-"""Scoring speed: `eval.score.score_items` (prompts batched by length and run once, candidates scored
-from the prompt's last position or from its key/value cache) against the plain way, one forward pass
-of prompt + candidate for every candidate of every instance. Same model, same items, same process;
-the two must agree on every log-probability.
+"""Scoring speed, two parts.
 
-    python benchmarks/eval_scoring.py [--seen 100] [--model tiny|20M|60M] [--device cpu] [--workdir bench-out]
+`--part methods`: `eval.score.score_items` (prompts batched by length and run once, candidates scored from
+the prompt's last position or from its key/value cache, the vocabulary's logits only where a score reads
+them) against the plain way, one forward pass of prompt + candidate for every candidate of every instance.
+Same model, same items, same process; the two must agree on every log-probability. Prints instances/s of
+each and the ratio, for single-token tasks (comparison, modular addition with one-token residues) and
+multi-token ones (4-digit comparison, residues up to 997).
 
-Prints instances/s of each and the ratio, for single-token tasks (comparison, modular addition with
-one-token residues) and multi-token ones (4-digit comparison, residues up to 997).
+`--part checkpoint`: what `olmo-inject eval` costs per checkpoint in the demo's setting: the demo's build
+(`inject/examples/demo.yaml` on the demo corpus; 4 tasks) and a run folder of 7 tiny-model checkpoints
+(steps 0, 1, 2, 4, 8, 16, 20, as the demo trains; untrained weights: the cost does not depend on them), scored
+on 100 seen, 100 pending and 100 held-out instances per task. Prints (1) the whole `olmo-inject eval`
+command as a user runs it, wall and CPU seconds, process start-up included; (2) in one process, the one-time
+set-up (drawing the eval set, the Dolma sample) and per checkpoint: loading the model, scoring the items,
+the Dolma validation loss; (3) the same items scored with every position's logits (the path of a model
+whose final norm is not found), the ratio, and whether the two agree bit for bit.
+
+    python benchmarks/eval_scoring.py [--part methods|checkpoint|both] [--seen 60] [--model tiny|20M|60M]
+                                      [--device cpu] [--workdir bench-out/eval-scoring]
+
+Wall times depend on what else runs on the cores: the load average is printed beside them, and CPU seconds,
+which other jobs inflate less (torch's spinning threads still count), are printed too.
 """
 
 from __future__ import annotations
@@ -74,19 +88,123 @@ def one_by_one(model, items) -> list[float]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seen", type=int, default=60, help="seen (and as many held-out) instances per task")
-    parser.add_argument("--baseline-items", type=int, default=12, help="instances per task timed one by one (slow)")
-    parser.add_argument("--model", default="tiny", help="tiny, or a datadecide size such as 20M")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workdir", type=Path, default=Path("bench-out/eval-scoring"))
-    args = parser.parse_args()
+DEMO_STEPS = (0, 1, 2, 4, 8, 16, 20)  # the checkpoints of the demo's 20-step run
 
+
+def make_demo_run(workdir: Path) -> tuple[Path, Path]:
+    """(build, run folder): the demo's build and 7 tiny-model checkpoints in ai2-olmo's unsharded format."""
+    import shutil
+
+    from olmo.config import TrainConfig
+
+    from inject.build import run_build
+    from inject.config import load_build_config
+    from inject.sample import write_demo_corpus
+    import olmo_configs
+
+    build, run = workdir / "demo-build", workdir / "demo-run"
+    if not (build / "manifest.json").exists():
+        write_demo_corpus(workdir / "corpus")
+        shutil.copyfile(Path(__file__).parent.parent / "inject" / "examples" / "demo.yaml", workdir / "demo.yaml")
+        run_build(load_build_config(workdir / "demo.yaml"), build, overwrite=True)
+    cfg = TrainConfig.load(Path(olmo_configs.__file__).parent / "tiny.yaml")
+    for step in DEMO_STEPS:
+        folder = run / f"step{step}-unsharded"
+        if not (folder / "model.pt").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            cfg.save(folder / "config.yaml")
+            torch.save(make_model("tiny", "cpu").state_dict(), folder / "model.pt")
+    return build, run
+
+
+def clock() -> tuple[float, float]:
+    """(wall, CPU of this process and its finished children) seconds."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), time.process_time() + children.ru_utime + children.ru_stime
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    now = clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def per_checkpoint(args) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from eval import score
+    from eval.checkpoints import find_checkpoints, load_model
+    from eval.run import dolma_loss, dolma_sample
+    from eval.sets import EvalSampler
+
+    build, run = make_demo_run(args.workdir)
+    sizes = ["--seen", "100", "--pending", "100", "--held-out", "100"]
+    out = args.workdir / "demo-eval"
+    shutil.rmtree(out, ignore_errors=True)
+    load = os.getloadavg()[0]
+    start = clock()
+    subprocess.run([sys.executable, "-m", "inject.cli", "eval", str(run), "--data", str(build), "--out", str(out),
+                    "--device", args.device, *sizes], check=True, capture_output=True)
+    wall, cpu = since(start)
+    n = len(DEMO_STEPS)
+    print(f"`olmo-inject eval` of {n} tiny-model checkpoints, demo build, 4 tasks x 100 seen/pending/held-out "
+          f"(load average {load:.1f} before, {os.getloadavg()[0]:.1f} after):")
+    print(f"  whole command: {wall:.1f} s wall, {cpu:.1f} s CPU (start-up and imports included): "
+          f"{wall / n:.2f} s wall, {cpu / n:.2f} s CPU per checkpoint")
+
+    manifest = json.loads((build / "manifest.json").read_text())
+    start = clock()
+    sampler = EvalSampler(build, 100, 100, 0, False, 100)
+    dolma = dolma_sample(build)[0]
+    setup = since(start)
+    loads, scores, losses, full_scores, same, items_scored = [], [], [], [], True, 0
+    for checkpoint in find_checkpoints(run):
+        start = clock()
+        model = load_model(checkpoint, manifest, args.device).model
+        loads.append(since(start))
+        items = sampler.items_at(checkpoint.step)
+        items_scored += len(items)
+        start = clock()
+        narrowed = score.score_items(model, items, manifest["tokenizer"]["pad_token_id"])
+        scores.append(since(start))
+        start = clock()
+        dolma_loss(model, dolma)
+        losses.append(since(start))
+        find_norm, score._final_norm = score._final_norm, lambda model: None  # every position's logits
+        try:
+            start = clock()
+            full = score.score_items(model, items, manifest["tokenizer"]["pad_token_id"])
+            full_scores.append(since(start))
+        finally:
+            score._final_norm = find_norm
+        same = same and full == narrowed
+
+    def total(parts):
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    print(f"  in one process: set-up once (eval set drawn, Dolma sample) {setup[0]:.2f} s wall / {setup[1]:.2f} s CPU;"
+          f" per checkpoint ({items_scored / n:.0f} items on average), wall / CPU s:")
+    for name, parts in [("load the model", loads), ("score the items", scores), ("Dolma loss (8 x 256 tokens)", losses)]:
+        w, c = total(parts)
+        print(f"    {name:30s} {w / n:6.2f} / {c / n:5.2f}")
+    w, c = total(loads + scores + losses)
+    print(f"    {'all, model load included':30s} {w / n:6.2f} / {c / n:5.2f}")
+    w, c = total(scores + losses)
+    print(f"    {'all, model load excluded':30s} {w / n:6.2f} / {c / n:5.2f}")
+    fw, fc = total(full_scores)
+    sw, sc = total(scores)
+    print(f"  scoring with every position's logits instead: {fw / n:.2f} s wall / {fc / n:.2f} s CPU per checkpoint;"
+          f" {fw / sw:.1f}x the wall time of logits at answer positions only; identical results: {same}")
+
+
+def methods(args) -> None:
     from eval.score import score_items
     from eval.sets import build_eval_set
 
-    args.workdir.mkdir(parents=True, exist_ok=True)
     build = make_build(args.workdir)
     pad = json.loads((build / "manifest.json").read_text())["tokenizer"]["pad_token_id"]
     items = build_eval_set(build, seen=args.seen, held_out=args.seen)
@@ -107,6 +225,25 @@ def main() -> None:
         answer_tokens = sum(len(c) for it in mine for c in it.candidates) / sum(len(it.candidates) for it in mine)
         print(f"{task:8s} {len(mine[0].candidates):5d} {answer_tokens:13.2f} {fast_rate:15.1f} {slow_rate:18.2f} "
               f"{fast_rate / slow_rate:6.1f} {diff:11.2e}")
+
+
+def main() -> None:
+    import os
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["methods", "checkpoint", "both"], default="both")
+    parser.add_argument("--seen", type=int, default=60, help="methods: seen (and as many held-out) instances per task")
+    parser.add_argument("--baseline-items", type=int, default=12, help="methods: instances per task timed one by one (slow)")
+    parser.add_argument("--model", default="tiny", help="methods: tiny, or a datadecide size such as 20M")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workdir", type=Path, default=Path("bench-out/eval-scoring"))
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(f"{os.cpu_count()} cores, torch {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    if args.part in ("methods", "both"):
+        methods(args)
+    if args.part in ("checkpoint", "both"):
+        per_checkpoint(args)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,22 @@ def save_checkpoint(folder: Path, seed: int) -> None:
     torch.save(model.state_dict(), folder / "model.pt")
 
 
-def test_scores_equal_a_direct_computation_and_an_untrained_model_is_at_chance(build, tmp_path):
+def assert_narrowed_logits_change_nothing(model, items, results, batch_size: int, monkeypatch) -> None:
+    """Logits computed only at the positions a score reads (the final norm's output narrowed to them) give
+    the numbers of every position's logits (the path of a model whose final norm is not found): the same
+    ranks and verdicts, log-probabilities within 1e-5 (a matrix product of another shape may round the
+    last bit otherwise)."""
+    from eval import score
+
+    assert score._final_norm(model) is not None  # else both paths below are the same one
+    monkeypatch.setattr(score, "_final_norm", lambda model: None)
+    everywhere = score.score_items(model, items, pad=1, batch_size=batch_size)
+    assert [{k: v for k, v in r.items() if k != "logprob"} for r in everywhere] == \
+           [{k: v for k, v in r.items() if k != "logprob"} for r in results]
+    assert [r["logprob"] for r in everywhere] == pytest.approx([r["logprob"] for r in results], abs=1e-5)
+
+
+def test_scores_equal_a_direct_computation_and_an_untrained_model_is_at_chance(build, tmp_path, monkeypatch):
     from eval.run import load_checkpoint
     from eval.score import score_items
     from eval.sets import build_eval_set
@@ -75,6 +90,7 @@ def test_scores_equal_a_direct_computation_and_an_untrained_model_is_at_chance(b
     mod = [r for r in results if r["task"] == "mod13"]
     low, high = wilson_interval(sum(r["correct"] for r in mod), len(mod))
     assert low <= 1 / 13 <= high and len(mod) == 120
+    assert_narrowed_logits_change_nothing(model, items, results, 16, monkeypatch)
 
 
 def answer_logprob(model, context: list[int], candidate: list[int]) -> float:
@@ -338,7 +354,7 @@ def test_a_model_that_knows_the_answers_scores_one_in_every_checkpoint_format(bu
         assert [r["logprob"] for r in other] == pytest.approx([r["logprob"] for r in rows], abs=1e-4)
 
 
-def test_a_transformers_olmo_model_scores_like_a_direct_forward_pass(build, tmp_path):
+def test_a_transformers_olmo_model_scores_like_a_direct_forward_pass(build, tmp_path, monkeypatch):
     from transformers import OlmoConfig, OlmoForCausalLM
 
     from eval.checkpoints import find_checkpoints, load_model
@@ -364,6 +380,7 @@ def test_a_transformers_olmo_model_scores_like_a_direct_forward_pass(build, tmp_
                     logp = torch.log_softmax(model(torch.tensor([it.context + cand])).logits[0].float(), -1)
                 direct.append(sum(float(logp[len(it.context) - 1 + k, t]) for k, t in enumerate(cand)))
             assert result["logprob"] == pytest.approx(direct[it.correct], abs=1e-4)
+    assert_narrowed_logits_change_nothing(model, items, results, 4, monkeypatch)
 
 
 def test_unseen_templates_ask_the_same_instances_in_new_phrasings(build):

@@ -408,7 +408,7 @@ MODEL_KIND = "olmo"
 def load_model(folder: Path, fmt: str, manifest: dict, device: str = "cpu"):
     """(model, run name) of an ai2-olmo checkpoint folder of format `fmt` (eval's "unsharded" or "sharded");
     InjectError names the folder and what is wrong with it."""
-    from olmo.config import ModelConfig, TrainConfig
+    from olmo.config import TrainConfig
     from olmo.model import OLMo
 
     from .safe_load import load_file
@@ -418,14 +418,14 @@ def load_model(folder: Path, fmt: str, manifest: dict, device: str = "cpu"):
         if not any((folder / n).exists() for n in name.split("/ or ")):
             raise InjectError(f"{folder}: no {name} (a half-written checkpoint?)")
     try:
-        config = ModelConfig.load(folder / "config.yaml", key="model")
-        run_name = TrainConfig.load(folder / "config.yaml").run_name or folder.parent.name
+        train_config = TrainConfig.load(folder / "config.yaml")
+        config, run_name = train_config.model, train_config.run_name or folder.parent.name
     except Exception as e:  # omegaconf raises its own types for a broken YAML
         raise InjectError(f"{folder}/config.yaml: not an ai2-olmo config: {e}") from None
     check_vocabulary(folder, config.vocab_size, config.eos_token_id, manifest)
     try:
         config.init_device = "cpu"
-        model = OLMo(config)
+        model = OLMo(config, init_params=False)  # every parameter is read below (strict): no random init to pay
         if fmt == "unsharded":  # what OLMo.from_checkpoint does, with a weights_only load
             model.load_state_dict(model._make_state_dict_compatible(load_file(folder / "model.pt"))[0])
         else:
