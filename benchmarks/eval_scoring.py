@@ -12,12 +12,13 @@ multi-token ones (4-digit comparison, residues up to 997).
 (steps 0, 1, 2, 4, 8, 16, 20, as the demo trains; untrained weights: the cost does not depend on them), scored
 on 100 seen, 100 pending and 100 held-out instances per task. Prints (1) the whole `olmo-inject eval`
 command as a user runs it, wall and CPU seconds, process start-up included; (2) in one process, the one-time
-set-up (drawing the eval set, the Dolma sample) and per checkpoint: loading the model, scoring the items,
-the Dolma validation loss; (3) the same items scored with every position's logits (the path of a model
-whose final norm is not found), the ratio, and whether the two agree bit for bit.
+set-up (the eval set's orders, the Dolma sample) and per checkpoint: loading the model, drawing its items,
+scoring them, the Dolma validation loss; (3) the same items scored with every position's logits (the path
+of a model whose final norm is not found, and of eval before it narrowed the logits), the ratio, and how
+closely the two agree.
 
     python benchmarks/eval_scoring.py [--part methods|checkpoint|both] [--seen 60] [--model tiny|20M|60M]
-                                      [--device cpu] [--workdir bench-out/eval-scoring]
+                                      [--device cpu] [--threads N] [--workdir bench-out/eval-scoring]
 
 Wall times depend on what else runs on the cores: the load average is printed beside them, and CPU seconds,
 which other jobs inflate less (torch's spinning threads still count), are printed too.
@@ -148,7 +149,8 @@ def per_checkpoint(args) -> None:
     load = os.getloadavg()[0]
     start = clock()
     subprocess.run([sys.executable, "-m", "inject.cli", "eval", str(run), "--data", str(build), "--out", str(out),
-                    "--device", args.device, *sizes], check=True, capture_output=True)
+                    "--device", args.device, *sizes], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     wall, cpu = since(start)
     n = len(DEMO_STEPS)
     print(f"`olmo-inject eval` of {n} tiny-model checkpoints, demo build, 4 tasks x 100 seen/pending/held-out "
@@ -161,12 +163,15 @@ def per_checkpoint(args) -> None:
     sampler = EvalSampler(build, 100, 100, 0, False, 100)
     dolma = dolma_sample(build)[0]
     setup = since(start)
-    loads, scores, losses, full_scores, same, items_scored = [], [], [], [], True, 0
+    loads, draws, scores, losses, full_scores, items_scored = [], [], [], [], [], 0
+    same, worst = True, 0.0
     for checkpoint in find_checkpoints(run):
         start = clock()
         model = load_model(checkpoint, manifest, args.device).model
         loads.append(since(start))
+        start = clock()
         items = sampler.items_at(checkpoint.step)
+        draws.append(since(start))
         items_scored += len(items)
         start = clock()
         narrowed = score.score_items(model, items, manifest["tokenizer"]["pad_token_id"])
@@ -181,24 +186,27 @@ def per_checkpoint(args) -> None:
             full_scores.append(since(start))
         finally:
             score._final_norm = find_norm
-        same = same and full == narrowed
+        same = same and [{**r, "logprob": 0} for r in full] == [{**r, "logprob": 0} for r in narrowed]
+        worst = max([worst] + [abs(a["logprob"] - b["logprob"]) for a, b in zip(full, narrowed)])
 
     def total(parts):
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     print(f"  in one process: set-up once (eval set drawn, Dolma sample) {setup[0]:.2f} s wall / {setup[1]:.2f} s CPU;"
           f" per checkpoint ({items_scored / n:.0f} items on average), wall / CPU s:")
-    for name, parts in [("load the model", loads), ("score the items", scores), ("Dolma loss (8 x 256 tokens)", losses)]:
+    for name, parts in [("load the model", loads), ("draw the items", draws), ("score the items", scores),
+                        ("Dolma loss (8 x 256 tokens)", losses)]:
         w, c = total(parts)
         print(f"    {name:30s} {w / n:6.2f} / {c / n:5.2f}")
-    w, c = total(loads + scores + losses)
+    w, c = total(loads + draws + scores + losses)
     print(f"    {'all, model load included':30s} {w / n:6.2f} / {c / n:5.2f}")
-    w, c = total(scores + losses)
+    w, c = total(draws + scores + losses)
     print(f"    {'all, model load excluded':30s} {w / n:6.2f} / {c / n:5.2f}")
     fw, fc = total(full_scores)
     sw, sc = total(scores)
     print(f"  scoring with every position's logits instead: {fw / n:.2f} s wall / {fc / n:.2f} s CPU per checkpoint;"
-          f" {fw / sw:.1f}x the wall time of logits at answer positions only; identical results: {same}")
+          f" {fw / sw:.1f}x the wall time ({fc / sc:.1f}x the CPU) of logits at answer positions only;"
+          f" same ranks and verdicts: {same}, log-probabilities within {worst:.1e}")
 
 
 def methods(args) -> None:
@@ -237,7 +245,11 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="methods: tiny, or a datadecide size such as 20M")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/eval-scoring"))
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); 1 keeps CPU "
+                        "seconds free of the time idle threads spin while other jobs hold the cores")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"{os.cpu_count()} cores, torch {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     if args.part in ("methods", "both"):
