@@ -786,7 +786,7 @@ class Plan:
         spec = np.repeat(np.tile(np.arange(S, dtype=np.int16), stop - first), flat)
         n = len(step)
         item, template = np.zeros(n, np.int64), np.zeros(n, np.int16)
-        token_ref, length = np.zeros(n, np.int64), np.zeros(n, np.int32)
+        token_ref, length = np.zeros(n, np.int32), np.zeros(n, np.int32)
         for s, draws in enumerate(self.draws):
             k = np.arange(self.task_first[first, s], self.task_first[stop, s])
             if not len(k):
@@ -798,8 +798,8 @@ class Plan:
         # Round robin over the batch's instances: example j of a step goes to slot j mod B.
         per_step = counts.sum(axis=1)
         j = np.arange(n) - np.repeat(self.step_first[first:stop] - self.step_first[first], per_step)
-        rows = PlanRows(self.specs, B, self.sequence_length, step, spec, item, template, (j % B).astype(np.int64),
-                        np.zeros(n, np.int64), length, [(d.flat, d.starts) for d in self.draws], token_ref)
+        rows = PlanRows(self.specs, B, self.sequence_length, step, spec, item, template, (j % B).astype(np.int32),
+                        np.zeros(n, np.int32), length, [(d.flat, d.starts) for d in self.draws], token_ref)
         rows.layout()
         return rows
 
@@ -809,14 +809,22 @@ class Plan:
             yield first, self.rows(first, min(first + steps_per_block, self.steps))
 
     def all_rows(self) -> PlanRows:
-        """Every example's row at once (memory per example: the build's placement still needs them together)."""
+        """Every example's row at once (memory per example: the build's placement still needs them together),
+        filled block by block into arrays allocated once."""
         if self._all is None:
-            parts = [rows for _, rows in self.blocks()]
-            self._all = parts[0] if len(parts) == 1 else PlanRows(
-                self.specs, self.batch_size, self.sequence_length,
-                *(np.concatenate([getattr(p, name) for p in parts]) for name in
-                  ("step", "spec", "item", "template", "slot", "offset", "length")),
-                parts[0].token_table, np.concatenate([p.token_ref for p in parts]))
+            names = ("step", "spec", "item", "template", "slot", "offset", "length", "token_ref")
+            columns, table = None, [(d.flat, d.starts) for d in self.draws]
+            for first, rows in self.blocks():
+                if columns is None:
+                    columns = {name: np.empty(self.examples, getattr(rows, name).dtype) for name in names}
+                start = int(self.step_first[first])
+                for name in names:
+                    columns[name][start : start + rows.examples] = getattr(rows, name)
+            if columns is None:
+                columns = {name: getattr(self.rows(0, 0), name) for name in names}
+            token_ref = columns.pop("token_ref")
+            self._all = PlanRows(self.specs, self.batch_size, self.sequence_length, **columns, token_table=table,
+                                 token_ref=token_ref)
         return self._all
 
     # Columns of every example (tests and small plans).
