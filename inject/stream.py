@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,34 +49,45 @@ class BackgroundHash:
 
 class TokenFile:
     """A token file's ids, read by slices with plain file reads into fresh arrays: a whole pass over it costs the
-    chunk in memory, not the pages of a memory map (resident and counted in RSS as it is read)."""
+    chunk in memory, not the pages of a memory map (resident and counted in RSS as it is read). At most
+    MAX_OPEN files are held open at once (least recently read closed first): a build reads thousands."""
+
+    MAX_OPEN = 64
+    _open: "OrderedDict[int, int]" = OrderedDict()  # id(TokenFile) -> file descriptor
 
     def __init__(self, path: Path, dtype, offset: int, length: int):
         self.path, self.dtype, self.offset, self.length = Path(path), np.dtype(dtype), offset, length
-        self._fd: int | None = None
 
     def __len__(self) -> int:
         return self.length
+
+    def _fd(self) -> int:
+        fd = self._open.pop(id(self), None)
+        if fd is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            while len(self._open) >= self.MAX_OPEN:
+                os.close(self._open.popitem(last=False)[1])
+        self._open[id(self)] = fd
+        return fd
 
     def __getitem__(self, item) -> np.ndarray:
         if not isinstance(item, slice) or item.step not in (None, 1):
             raise TypeError("TokenFile reads contiguous slices only")
         start, stop, _ = item.indices(self.length)
-        count = max(0, stop - start)
-        out = np.empty(count, dtype=self.dtype)
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        out = np.empty(max(0, stop - start), dtype=self.dtype)
         view, position = memoryview(out).cast("B"), self.offset + start * self.dtype.itemsize
+        fd = self._fd() if len(view) else None
         while len(view):
-            got = os.preadv(self._fd, [view], position)
+            got = os.preadv(fd, [view], position)
             if not got:
                 raise OSError(f"{self.path}: ended {len(view)} bytes early (was it truncated while being read?)")
             view, position = view[got:], position + got
         return out
 
     def __del__(self):
-        if self._fd is not None:
-            os.close(self._fd)
+        fd = self._open.pop(id(self), None)
+        if fd is not None:
+            os.close(fd)
 
 
 class TokenStream:

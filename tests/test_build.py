@@ -116,6 +116,27 @@ def test_pretokenized_token_files_are_a_source(tmp_path, corpus):
     assert [i["kind"] for i in manifest["inputs"]] == ["tokens", "tokens"]
 
 
+def test_more_inputs_than_open_files_allowed(tmp_path):
+    """A build reads thousands of shards: it holds a bounded number of input files open (memory maps held one
+    descriptor each), so a build of more inputs than the open-files limit works."""
+    import resource
+
+    from inject.stream import TokenFile
+
+    n = TokenFile.MAX_OPEN + 40
+    for i in range(n):
+        np.array([i + 2, i + 3, 50279], dtype=np.uint16).tofile(tmp_path / f"t{i:03d}.npy")
+    cfg = write_config(tmp_path / "t.yaml", inputs=["t*.npy"], sequence_length=4)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + TokenFile.MAX_OPEN + 24, hard))
+    try:
+        assert run_cli("build", cfg, "--out", tmp_path / "out") == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    _, tokens = read_outputs(tmp_path / "out")
+    assert tokens.tolist() == [t for i in range(n) for t in (i + 2, i + 3, 50279)]
+
+
 def test_compression_is_detected_from_content_not_name(tmp_path):
     from conftest import docs, make_texts, write_shard
 
