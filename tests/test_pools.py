@@ -215,3 +215,42 @@ def test_huge_spaces_are_refused_early_naming_the_field(tmp_path, capsys, task, 
     peak = peak_memory(lambda: codes.append(run_cli("plan", tmp_path / "p.yaml")))
     assert codes == [2] and peak < 64 << 20
     assert message in capsys.readouterr().err
+
+
+def test_plan_rows_by_block_are_the_draws_of_each_task_in_order(monkeypatch):
+    """The compact plan (counts + draws, rows laid out a block of steps at a time) gives every example what
+    drawing the whole run at once gives: items by draw_items, templates by one rng.integers call after them,
+    in (step, task) order, with the tokens each (item, template) encodes to."""
+    import inject.injection as injection
+
+    monkeypatch.setattr(injection, "DRAW_CHUNK", 7)  # template draws in many chunks: equal to one call
+    tasks = [{"name": "c", "task": "comparison", "params": {"digits": 1},
+              "templates": ["{a} or {b}? {answer}", "max {a} {b} {answer}", "{a},{b}: {answer}"],
+              "schedule": {"kind": "poisson", "rate": 20}},
+             {**MOD23, "name": "u", "pool": {"draw": "uniform"}, "templates": None, "schedule": {"kind": "even", "rate": 3.5}},
+             {**MOD23, "name": "t", "encoding": "text", "templates": ["{a} + {b} = {answer}", "{a} plus {b} is {answer}"],
+              "pool": {"draw": "uniform"}, "schedule": {"kind": "bernoulli", "rate": 0.7}}]
+    config = config_of(tasks, steps=50)
+    specs = make_specs(config)
+    plan = make_plan(config, specs)
+    rows = [r for _, r in plan.blocks(steps_per_block=3)]
+    for s in specs:
+        n = int(s.counts.sum())
+        rng = np.random.default_rng([config.seed, injection._stable_seed("draws", s.name)])
+        items = injection.draw_items(config, s, n, rng)
+        templates = rng.integers(0, len(s.encoder.templates), n)
+        got = [(int(r.item[i]), int(r.template[i]), r.tokens_of(i).tolist(), int(r.length[i]))
+               for r in rows for i in np.flatnonzero(r.spec == s.index)]
+        expected = [(int(i), int(t), e.tolist(), len(e) + 1)
+                    for i, t, e in zip(items, templates, s.encoder.encode_many(items, templates))]
+        assert got == expected and len(got) == n
+    assert [int(r.step.min()) for r in rows if r.examples][:2] == [1, 4]
+
+
+def test_vectorized_instances_are_the_tasks_instances():
+    from inject.tasks import ModularAddition
+
+    for task in (Comparison(1), Comparison(3), ModularAddition(7, 3), ModularAddition(113)):
+        items = np.unique(np.r_[np.arange(min(task.space_size(), 3000)),
+                                np.random.default_rng(0).integers(0, task.space_size(), 3000)])
+        assert task.instances(items) == [task.instance(i) for i in items.tolist()]
