@@ -19,6 +19,7 @@ scan, Dolma hash), which is what bounds the reference run (204.8B tokens).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -105,7 +106,31 @@ def per_check(build: str) -> None:
         for _ in trainers.of_manifest(view.manifest).loader_batches(view.manifest, steps, True, V.Report()):
             pass
 
-    for name, run in [("encode", encode_all), ("batch reads", read_batches),
+    files = [view.path / f["path"] for f in view.manifest["outputs"]]
+
+    def read_files() -> None:  # the floor of every per-token check: the files' bytes read once
+        for f in files:
+            np.fromfile(f, dtype=np.uint8)
+
+    def sha256_files() -> None:  # the floor of the Dolma hash: sha256 over the same bytes, in one thread
+        sha = hashlib.sha256()
+        for f in files:
+            sha.update(np.fromfile(f, dtype=np.uint8))
+
+    def gather() -> None:  # the batch reads' own cost per token: instances in shuffled order, 65,536 per call
+        from inject.trainers.ai2_olmo import _read_instances
+
+        L = view.manifest["sequence_length"]
+        per_file = [np.asarray(np.memmap(f, dtype=view.manifest["dtype"], mode="r")) for f in files]
+        counts = [len(a) // L for a in per_file]
+        firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        arrays = [a[: n * L].reshape(n, L) for a, n in zip(per_file, counts)]
+        order = np.random.default_rng(0).permutation(int(sum(counts)))
+        for i in range(0, len(order), 1 << 16):
+            _read_instances((firsts, arrays), order[i : i + (1 << 16)])
+
+    for name, run in [("read", read_files), ("sha256", sha256_files), ("gather", gather),
+                      ("encode", encode_all), ("batch reads", read_batches),
                       ("batches", lambda: V._check_steps(view, ledger, steps)),
                       ("held-out scan", lambda: V._held_out_in((build, chunks, longest), view, ledger)),
                       ("dolma", lambda: V.check_dolma(view, ledger, V.Report()))]:
@@ -114,6 +139,10 @@ def per_check(build: str) -> None:
         timings[name] = time.perf_counter() - start
     tokens = sum(f["tokens"] for f in view.manifest["outputs"])
     print(json.dumps({"timings": timings, "examples": len(ledger), "distinct": view.examples.slots, "tokens": tokens}))
+
+
+def steps_of(build: Path) -> int:
+    return json.loads((build / "manifest.json").read_text())["injection"]["training"]["steps"]
 
 
 def main() -> None:
@@ -149,19 +178,25 @@ def main() -> None:
     m = json.loads(done.stdout.strip().splitlines()[-1])
     t, examples, distinct, tokens = m["timings"], m["examples"], m["distinct"], m["tokens"]
     batches, reads = t["batches"], t["batch reads"]  # batches: every example already encoded
-    print(f"per check, one process, {build.name} build ({examples:,} examples, {distinct:,} distinct, {tokens / 1e6:.1f}M tokens):")
+    rate = lambda seconds: f"{tokens / seconds / 1e6:,.0f}M tokens/s"  # noqa: E731
+    print(f"per check, one process, {build.name} build ({examples:,} examples, {distinct:,} distinct, {tokens / 1e6:.1f}M tokens; "
+          f"load average {os.getloadavg()[0]:.1f}):")
+    print(f"  floors: reading the files {rate(t['read'])}, sha256 of them {rate(t['sha256'])}")
     print(f"  start-up (imports, ai2-olmo's loader code): {t['start-up']:.1f} s")
     print(f"  encoding: {distinct / t['encode']:,.0f} distinct examples/s")
-    print(f"  batch checks, examples already encoded: {examples / batches:,.0f} examples/s; of which reading the batches "
-          f"(order, token files): {tokens / reads / 1e6:.1f}M tokens/s")
-    print(f"  held-out scan: {tokens / t['held-out scan'] / 1e6:.1f}M tokens/s; Dolma hash: {tokens / t['dolma'] / 1e6:.1f}M tokens/s")
-    ref = {"encoding (~729,000 distinct)": REFERENCE_DISTINCT / (distinct / t["encode"]),
-           "batch checks, per example": REFERENCE_EXAMPLES * max(batches - reads, 0) / examples,
-           "batch reads, per token": REFERENCE_TOKENS * reads / tokens,
-           "held-out scan, per token": REFERENCE_TOKENS * t["held-out scan"] / tokens,
-           "Dolma hash, per token": REFERENCE_TOKENS * t["dolma"] / tokens}
-    print("the reference run (48.8M examples, 204.8B tokens) at these rates, one process (--workers N divides all but the "
-          "Dolma hash by up to N):")
+    print(f"  batch checks, examples already encoded: {examples / batches:,.0f} examples/s ({batches:.1f} s, of which "
+          f"{reads:.1f} s reading {steps_of(build):,} batches; instances gathered in shuffled order: {rate(t['gather'])})")
+    print(f"  held-out scan: {rate(t['held-out scan'])} ({t['held-out scan'] / t['read']:.1f}x the read floor); "
+          f"Dolma check: {rate(t['dolma'])} ({t['dolma'] / t['sha256']:.1f}x the sha256 floor)")
+    per_example = max(batches - reads, 0) / examples
+    ref = {"encoding (~729,000 distinct examples)": REFERENCE_DISTINCT / (distinct / t["encode"]),
+           "batch checks beyond reading (per example, this build's per-batch costs included)": REFERENCE_EXAMPLES * per_example,
+           "reading the batches (per token, shuffled gather)": REFERENCE_TOKENS * t["gather"] / tokens,
+           "held-out scan (per token)": REFERENCE_TOKENS * t["held-out scan"] / tokens,
+           "Dolma check (per token; one sha256 stream: not shared by workers)": REFERENCE_TOKENS * t["dolma"] / tokens,
+           "sha256 floor of the Dolma check": REFERENCE_TOKENS * t["sha256"] / tokens}
+    print("the reference run (48.8M examples, 204.8B tokens) at these rates, in one process (--workers N shares all "
+          "but the Dolma check):")
     for name, seconds in ref.items():
         print(f"  {name}: {seconds / 60:,.1f} min")
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -30,6 +30,7 @@ Checks, each reported with the step/instance/file it concerns:
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -403,13 +404,19 @@ def check_batches_and_held_out(view: BuildView, ledger: np.ndarray, report: Repo
     chunk_parts = [part.tolist() for part in np.array_split(np.array(chunks, dtype=np.int64).reshape(-1, 2), n)]
     jobs = [(str(view.path), steps_part, chunks_part, longest, own_loader)
             for steps_part, chunks_part in zip(step_parts, chunk_parts) if steps_part or chunks_part]
+    trainer = trainers.of_manifest(view.manifest)
     if len(jobs) <= 1:
         results = [_verify_part(jobs[0], view, ledger)] if jobs else []
+    elif own_loader is None and hasattr(trainer, "loader_order"):  # the loader's order made once, read by every worker
+        use_filter = view.manifest["injection"]["totals"]["instance_filter"] != "off"
+        with tempfile.TemporaryDirectory() as folder:
+            order = trainer.loader_order(view.manifest, folder, use_filter)
+            results = _in_processes(_verify_part, [(*job[:-1], order) for job in jobs])
     else:
         results = _in_processes(_verify_part, jobs)
     for batches, _ in results:
         report.absorb(batches)
-    source = trainers.of_manifest(view.manifest).loader_source(own_loader)
+    source = trainer.loader_source(own_loader)
     report.checked["batches checked"] = f"{len(chosen)} of {steps} ({source})"
     parsed = held = 0
     for _, (part, n_parsed, n_held) in results:

@@ -19,7 +19,9 @@ provides (module-level functions; a module is the implementation, no classes to 
                                           (step, batch with `input_ids` and `index`) as the trainer's OWN data loader
                                           yields them: verify's independent replay (the order from the loader's own
                                           code, the tokens possibly read straight from the files; `own_loader`: the
-                                          whole loader run); and what verify reports it read
+                                          whole loader run); and what verify reports it read. Optional:
+                                          loader_order(manifest, folder, use_filter), the order computed once by the
+                                          loader's code and handed to verify's worker processes as `own_loader`
     check_train_config(manifest, path, report)
                                           verify --train-config: the run config's order fields against the build
     resolve_train_config(config, build, run, overrides) / render(cfg)

@@ -12,8 +12,10 @@ launch, completed_step, final_step, final_checkpoint_markers (`olmo-inject train
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,48 +153,81 @@ class FullLoader:
 
 
 def loader_source(own_loader=None) -> str:
-    """What verify's batches came from (its report line)."""
+    """What verify's batches came from (its report line; the same with or without a LoaderOrder)."""
     if isinstance(own_loader, FullLoader):
         return "ai2-olmo build_train_dataloader, replayed in full"
     return "ai2-olmo build_train_dataloader's instance order, instances read from the token files"
 
 
+@dataclass(frozen=True)
+class LoaderOrder:
+    """ai2-olmo's order and instance files as its own loader code computes them (`loader_order`), so that the
+    processes of `verify --workers` read instances without building the loader (or importing OLMo) again."""
+
+    indices: str
+    """global_indices.npy (uint32), as the loader's IterableDataset wrote it."""
+    first: int
+    stop: int
+    step: int
+    """The IterableDataset.__iter__ slice of it for rank 0 of 1."""
+    files: tuple
+    """(path, first instance, end instance) of each token file: MemMapDataset.offsets."""
+    sequence_length: int
+    dtype: str
+    instance_filter: tuple | None
+    """The dataset's InstanceFilterConfig (max_period, min_period, max_count); None: no filter."""
+
+
+def loader_order(manifest: dict, folder: str, use_filter: bool) -> LoaderOrder:
+    """Build ai2-olmo's training data loader over the build (its files in `folder`, kept while the order is read)."""
+    from olmo.data import build_train_dataloader
+
+    loader = build_train_dataloader(train_config_for(manifest, folder, use_filter), world_size=1, rank=0, fs_local_rank=0)
+    iterable, dataset = loader.dataset, loader.dataset.dataset
+    config = dataset.instance_filter_config
+    return LoaderOrder(
+        str(iterable.global_indices_file), iterable.rank, iterable.total_size, iterable.world_size,
+        tuple((str(path), start, end) for path, (start, end) in zip(dataset._memmap_paths, dataset.offsets)),
+        dataset._chunk_size, np.dtype(dataset.dtype).name,
+        (config.repetition_max_period, config.repetition_min_period, config.repetition_max_count) if config else None)
+
+
 def loader_batches(manifest: dict, chosen: list[int], use_filter: bool, report, own_loader=None):
     """(step, batch) of ai2-olmo's own training data loader over the build, one rank.
 
-    By default the order comes from the loader's own IterableDataset (`get_global_indices`, sliced for rank 0 of 1
-    as its `__iter__` slices it) and each instance's file from its MemMapDataset (`offsets`); the instances'
-    tokens are then read from the memory-mapped token files (what MemMapDataset.__getitem__ reads, without the
-    per-instance tensors and collator), and the batch carries `instance_filter`, the dataset's own repetition filter
-    to apply to the instances that need it. With `own_loader=FullLoader()` every batch comes out of the DataLoader
-    itself (with `instance_mask` from the filter when `use_filter`)."""
+    By default (or with a LoaderOrder made by `loader_order`) the order is the loader's own IterableDataset's
+    (`global_indices.npy`, sliced for rank 0 of 1 as its `__iter__` slices it) and each instance's file is its
+    MemMapDataset's (`offsets`); the instances' tokens are then read from the memory-mapped token files (what
+    MemMapDataset.__getitem__ reads, without the per-instance tensors and collator), and the batch carries
+    `instance_filter`, the dataset's repetition filter, to apply to the instances that need it. With
+    `own_loader=FullLoader()` every batch comes out of the DataLoader itself (with `instance_mask` when
+    `use_filter`)."""
     if isinstance(own_loader, FullLoader):
         yield from _replayed_batches(manifest, chosen, use_filter)
-        return
-    from olmo.data import build_train_dataloader
+    elif isinstance(own_loader, LoaderOrder):
+        yield from _batches_in_order(own_loader, manifest, chosen)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            yield from _batches_in_order(loader_order(manifest, folder, use_filter), manifest, chosen)
 
+
+def _batches_in_order(order: LoaderOrder, manifest: dict, chosen: list[int]):
     B = manifest["injection"]["training"]["global_batch_size"]
-    with tempfile.TemporaryDirectory() as save_folder:
-        loader = build_train_dataloader(train_config_for(manifest, save_folder, use_filter), world_size=1, rank=0, fs_local_rank=0)
-        iterable, dataset = loader.dataset, loader.dataset.dataset
-        indices = iterable.get_global_indices()
-        indices = np.asarray(indices[iterable.rank : iterable.total_size : iterable.world_size])  # as __iter__ slices
-        files = _instance_files(dataset)
-        masked = _filter_of(dataset) if use_filter else None
-        for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
-            index = indices[(step - 1) * B : step * B].astype(np.int64)
-            batch = {"input_ids": _read_instances(files, index), "index": index}
-            if masked is not None:
-                batch["instance_filter"] = masked
-            yield step, batch
+    indices = np.memmap(order.indices, dtype=np.uint32, mode="r")[order.first : order.stop : order.step]
+    files = _instance_files(order)
+    for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
+        index = np.asarray(indices[(step - 1) * B : step * B]).astype(np.int64)
+        batch = {"input_ids": _read_instances(files, index), "index": index}
+        if order.instance_filter is not None:
+            batch["instance_filter"] = functools.partial(_masked, order.instance_filter)
+        yield step, batch
 
 
-def _instance_files(dataset) -> tuple[np.ndarray, list[np.ndarray]]:
+def _instance_files(order: LoaderOrder) -> tuple[np.ndarray, list[np.ndarray]]:
     """(first instance of each token file, its tokens as [instances, L]), as MemMapDataset maps instances to files."""
-    L = dataset._chunk_size
-    firsts, files = [], []
-    for path, (start, end) in zip(dataset._memmap_paths, dataset.offsets):
-        tokens = np.asarray(np.memmap(path, dtype=dataset.dtype, mode="r"))  # a plain array over the mapping
+    L, firsts, files = order.sequence_length, [], []
+    for path, start, end in order.files:
+        tokens = np.asarray(np.memmap(path, dtype=order.dtype, mode="r"))  # a plain array over the mapping
         firsts.append(start)
         files.append(tokens[: (end - start) * L].reshape(end - start, L))
     return np.array(firsts, dtype=np.int64), files
@@ -211,22 +246,21 @@ def _read_instances(files, index: np.ndarray) -> np.ndarray:
     return out
 
 
-def _filter_of(dataset):
-    """rows [n, L] -> whether the dataset's own repetition filter (MemMapDataset._validate_instance) masks each."""
-    import torch
-
+def _masked(instance_filter: tuple, rows: np.ndarray) -> np.ndarray:
+    """Whether ai2-olmo's repetition filter masks each row [n, L]: MemMapDataset._validate_instance's test (OLMo's
+    find_periodic_sequences with the dataset's InstanceFilterConfig), run where place.may_be_filtered allows it."""
     from ..place import may_be_filtered
 
-    config = dataset.instance_filter_config
+    max_period, min_period, max_count = instance_filter
+    out = np.zeros(len(rows), dtype=bool)
+    candidates = np.flatnonzero(may_be_filtered(rows, max_period, max_count))
+    if len(candidates):
+        from olmo.data.util import find_periodic_sequences
 
-    def masked(rows: np.ndarray) -> np.ndarray:  # OLMo's own check only where the vectorized pre-check allows it
-        out = np.zeros(len(rows), dtype=bool)
-        candidates = np.flatnonzero(may_be_filtered(rows, config.repetition_max_period, config.repetition_max_count))
-        for r in candidates:
-            out[r] = not dataset._validate_instance(torch.from_numpy(rows[r].astype(np.int64)))
-        return out
-
-    return masked
+        for r in candidates.tolist():
+            out[r] = any(m.times >= max_count for m in find_periodic_sequences(
+                rows[r].astype(np.int64), max_period=max_period, min_period=min_period))
+    return out
 
 
 def _replayed_batches(manifest: dict, chosen: list[int], use_filter: bool):
