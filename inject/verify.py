@@ -336,7 +336,7 @@ class SegmentFilter:
 
             from . import tokenizer as tok
 
-            base = tok.load(view.manifest["tokenizer"]["name"]).base_tokenizer
+            base = tok.load_base(view.manifest["tokenizer"]["name"])  # what OLMo's Tokenizer.decode calls, without torch
             texts = base.decode_batch([[t] for t in range(base.get_vocab_size())], skip_special_tokens=False)
             digit = re.compile(r"\d")
 
