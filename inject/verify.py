@@ -278,8 +278,7 @@ class ExampleTokens:
             new_slots = np.empty(len(new), dtype=np.int64)
             for one in np.unique(spec[new]).tolist():
                 chosen = np.flatnonzero(spec[new] == one)
-                encoded = self.view.encoders[one].encode_many(item[new[chosen]], template[new[chosen]])
-                new_slots[chosen] = [self._add(ids) for ids in encoded]
+                new_slots[chosen] = self._add(*self.view.encoders[one].encode_table(item[new[chosen]], template[new[chosen]]))
             self.known = np.concatenate([self.known, new_keys])
             self.known_slot = np.concatenate([self.known_slot, new_slots])
             order = np.argsort(self.known, kind="stable")
@@ -287,16 +286,19 @@ class ExampleTokens:
             slots[missing] = new_slots[np.searchsorted(new_keys, keys[missing])]
         return slots
 
-    def _add(self, ids: np.ndarray) -> int:
-        if self.slots == len(self.start):
-            self.start, self.length = np.resize(self.start, 2 * self.slots), np.resize(self.length, 2 * self.slots)
-        while self.used + len(ids) > len(self.tokens):
+    def _add(self, flat: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Keep examples given as one flat array of ids and their starts (len + 1); their slots."""
+        n = len(starts) - 1
+        while self.slots + n > len(self.start):
+            self.start, self.length = np.resize(self.start, 2 * len(self.start)), np.resize(self.length, 2 * len(self.start))
+        while self.used + len(flat) > len(self.tokens):
             self.tokens = np.resize(self.tokens, 2 * len(self.tokens))
-        self.tokens[self.used : self.used + len(ids)] = ids
-        self.start[self.slots], self.length[self.slots] = self.used, len(ids)
-        self.used += len(ids)
-        self.slots += 1
-        return self.slots - 1
+        self.tokens[self.used : self.used + len(flat)] = flat
+        self.start[self.slots : self.slots + n] = self.used + starts[:-1]
+        self.length[self.slots : self.slots + n] = np.diff(starts)
+        self.used += len(flat)
+        self.slots += n
+        return np.arange(self.slots - n, self.slots)
 
     def match(self, slots: np.ndarray, tokens: np.ndarray, at: np.ndarray) -> np.ndarray:
         """Whether tokens[at[k] : at[k] + n] is example slots[k] followed by EOS (n its length), for each k; `tokens`
