@@ -129,6 +129,8 @@ def _print_status(rows: list[dict]) -> None:
         extra = [str(r.get(k)) if r.get(k) is not None else "-" for k in ("step", "last_checkpoint", "evaluated")] \
             if "step" in r else ["", "", ""]
         print(f"{r['job']:24s} {r['id']:>10s} {r['state']:22s} {extra[0]:>8s} {extra[1]:>9s} {extra[2]:>9s}")
+        if r.get("why"):
+            print(f"  {r['job']} did not complete: {r['why']}")
 
 
 def register(sub) -> None:

@@ -9,6 +9,7 @@ dependencies on the jobs that are still pending or running.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from inject.errors import ConfigError, InjectError
 
-from .jobs import Job, Submission, Training, choose_nodes
+from .jobs import SLURM_DIR, Job, Submission, Training, choose_nodes
 from .profile import ClusterProfile
 
 STATE = "state.json"
@@ -185,12 +186,15 @@ def load_submission(runs: Path) -> tuple[dict, dict]:
 
 
 def status(runs: Path) -> list[dict]:
-    """Per job: SLURM state; per training: step reached, last checkpoint, checkpoints evaluated."""
+    """Per job: SLURM state, and why it failed; per training: step reached, last checkpoint, checkpoints evaluated."""
     settings, state = load_submission(runs)
     live = job_states([j["id"] for j in state["jobs"].values()])
     rows = []
     for key, job in state["jobs"].items():
-        row = {"job": key, "id": job["id"], "state": ",".join(sorted(live.get(job["id"], {"(finished)"})))}
+        states = live.get(job["id"], {"(finished)"})
+        row = {"job": key, "id": job["id"], "state": ",".join(sorted(states))}
+        if not states & ACTIVE and states != {"COMPLETED"}:
+            row["why"] = why_failed(job["id"], Path(runs) / SLURM_DIR / "logs", key)
         name = key.split("-", 1)[1] if key.startswith(("train-", "eval-")) else None
         if name:
             run = Path(runs) / name
@@ -199,6 +203,85 @@ def status(runs: Path) -> list[dict]:
                        evaluated=f"{sum((run / 'eval' / f'step{s}.jsonl').exists() for s in steps)}/{len(steps)}")
         rows.append(row)
     return rows
+
+
+LOG_SIGNS = [  # what slurmstepd writes into the job's log, what it means; the first that a log holds is quoted
+    (re.compile(r"exceeded memory limit \(\d+ > \d+\)"), "out of memory"),  # jobacct_gather: RSS > --mem
+    (re.compile(r"exceeded (?:job )?memory limit|oom[-_ ]kill|out of memory", re.I), "out of memory"),  # cgroup
+    (re.compile(r"DUE TO TIME LIMIT"), "time limit"),
+    (re.compile(r"DUE TO NODE FAILURE|NODE_FAIL"), "node failure"),
+]
+
+
+def why_failed(job_id: str, log_dir: Path, key: str) -> str | None:
+    """Why a job (every task of an array) that is no longer running did not complete, in words: out of
+    memory, time limit, node failure, cancelled, or its exit code; None when it completed or nothing is known.
+    SLURM's record comes from `sacct` (the accounting database), else `sacct -c` (the job completion log),
+    else `scontrol show job` (jobs finished less than MinJobAge ago); the job's log adds what slurmstepd
+    wrote there (a step killed over its --mem leaves the job merely FAILED, signal 9)."""
+    records = _accounting(job_id) or _scontrol_record(job_id)
+    bad = [r for r in records if r[1] != "COMPLETED"]
+    if records and not bad:
+        return None
+    lines = [line.strip() for path in sorted(log_dir.glob(f"{key}-{job_id}*.out")) for line in _tail(path).splitlines()]
+    reasons = []
+    for task, state, exit_code in bad:
+        code, _, signum = exit_code.partition(":")
+        words = {"TIMEOUT": "time limit", "OUT_OF_MEMORY": "out of memory", "NODE_FAIL": "node failure",
+                 "CANCELLED": "cancelled", "PREEMPTED": "preempted", "BOOT_FAIL": "node failed to boot",
+                 "DEADLINE": "deadline"}.get(state.split()[0])
+        if words is None:
+            words = f"exit code {code}" if code not in ("", "0") else f"killed by signal {signum}" \
+                if signum not in ("", "0") else state.lower()
+        reasons.append(f"{task}: {state.split()[0]}, {words}")
+    for sign, meaning in LOG_SIGNS:
+        quoted = [line for line in lines if sign.search(line)]
+        if quoted:
+            reasons.append(f"{meaning} (log: {quoted[-1][-160:]})")
+            break
+    return "; ".join(reasons) or None
+
+
+def _accounting(job_id: str) -> list[tuple[str, str, str]]:
+    """(job or array task id, state, exit code) of the job's allocations from sacct: the accounting database,
+    else the job completion log (`sacct -c`); [] where neither is kept."""
+    for completion in ([], ["-c"]):
+        try:
+            done = subprocess.run(["sacct", *completion, "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"],
+                                  capture_output=True, text=True, timeout=60)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return []
+        rows = [tuple(line.split("|")[:3]) for line in done.stdout.splitlines() if line.count("|") >= 2]
+        rows = [r for r in rows if r[0].split("_")[0].split(".")[0] == job_id]
+        if done.returncode == 0 and rows:
+            return _latest(rows)
+    return []
+
+
+def _latest(rows: list[tuple]) -> list[tuple]:
+    """One row per job or array task: the last (a requeued job has a row per run)."""
+    return list({r[0]: r for r in rows}.values())
+
+
+def _scontrol_record(job_id: str) -> list[tuple[str, str, str]]:
+    try:
+        text = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return []
+    rows = []
+    for line in text.splitlines():
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        if "JobState" in fields:
+            task = fields.get("ArrayTaskId")
+            rows.append((f"{fields.get('ArrayJobId', job_id)}_{task}" if task else fields["JobId"],
+                         fields["JobState"], fields.get("ExitCode", "")))
+    return rows
+
+
+def _tail(path: Path, size: int = 65536) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - size))
+        return f.read().decode(errors="replace")
 
 
 def _step_reached(run: Path) -> int | None:

@@ -1,9 +1,19 @@
-"""A real single-node SLURM cluster for the tests: munged, slurmctld and slurmd on this machine.
+"""A real SLURM cluster for the tests on this one machine: munged, slurmctld, and two slurmd, one per node.
 
 Recipe (../shared/DESIGN.md, section 5): Debian's `slurm-wlm` and `munge` packages, munged run as the
-`munge` user, a slurm.conf whose node line comes from `slurmd -C`, every state/spool/log path under a
-temporary folder. Needs root (slurmd runs jobs as their users). Without an accounting database there is
-no `sacct`: the tests poll `squeue` and `scontrol show job`.
+`munge` user, a slurm.conf whose nodes come from `slurmd -C`, every state/spool/log path under a
+temporary folder. Needs root (slurmd runs jobs as their users).
+
+Two nodes on one host: the machine's CPUs and memory split in two NodeName entries (`node1`, `node2`), each
+its own `slurmd -N nodeN` on its own port (Debian's slurmd accepts -N, and `%n` in the spool, pid and log
+paths), so multi-node jobs (srun over two nodes, a two-node rendezvous) run for real.
+
+Resources are enforced as on production clusters: cores and memory are consumable
+(`SelectTypeParameters=CR_Core_Memory`), and a job step whose processes' summed RSS exceeds its `--mem` is
+killed (`JobAcctGatherType=jobacct_gather/linux`, `JobAcctGatherParams=OverMemoryKill`; the cgroup plugins
+need a cgroup hierarchy slurmd may manage, which containers rarely give). There is no accounting database
+(slurmdbd needs MariaDB), but the job completion log (`JobCompType=jobcomp/filetxt`) is kept, which `sacct -c`
+reads. `KillWait=30`, SLURM's default: the grace between SIGTERM and SIGKILL.
 
     python tests/slurm_cluster.py start /tmp/slurm    # by hand, for trying the scripts; then
     export SLURM_CONF=/tmp/slurm/slurm.conf            # for sbatch, squeue, scontrol, olmo-inject slurm
@@ -21,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-DAEMONS = ("slurmd", "slurmctld")  # stopped in this order
 
 
 class ClusterUnavailable(RuntimeError):
@@ -38,14 +47,18 @@ def missing_requirements() -> str | None:
     return None
 
 
-def node_line() -> str:
-    """The node's real CPUs and a bit less memory than it reports (slurmd refuses a node with less)."""
+NODES = ("node1", "node2")
+
+
+def node_lines() -> list[str]:
+    """Two nodes sharing this host: half its CPUs (at least one) and a bit less than half its memory each
+    (slurmd refuses a node that has less than its line says), each slurmd on its own port."""
     report = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
     fields = dict(part.split("=", 1) for part in report.split() if "=" in part)
-    memory = int(int(fields["RealMemory"]) * 0.9)
-    return (f"NodeName={socket.gethostname()} CPUs={fields['CPUs']} Boards={fields.get('Boards', 1)} "
-            f"SocketsPerBoard={fields.get('SocketsPerBoard', 1)} CoresPerSocket={fields.get('CoresPerSocket', fields['CPUs'])} "
-            f"ThreadsPerCore={fields.get('ThreadsPerCore', 1)} RealMemory={memory} State=UNKNOWN")
+    cpus = max(int(fields["CPUs"]) // len(NODES), 1)
+    memory = int(int(fields["RealMemory"]) * 0.9) // len(NODES)
+    return [f"NodeName={name} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port={_free_port()} "
+            f"CPUs={cpus} RealMemory={memory} State=UNKNOWN" for name in NODES]
 
 
 def _free_port() -> int:
@@ -60,30 +73,33 @@ def slurm_conf(state: Path) -> str:
         "ClusterName=olmo-inject-test",
         f"SlurmctldHost={host}",
         f"SlurmctldPort={_free_port()}",  # not 6817/6818: a SLURM the machine already runs is left alone
-        f"SlurmdPort={_free_port()}",
         "SlurmUser=root",
         "AuthType=auth/munge",
         f"StateSaveLocation={state}/ctld",
-        f"SlurmdSpoolDir={state}/spool",
+        f"SlurmdSpoolDir={state}/spool-%n",
         f"SlurmctldPidFile={state}/slurmctld.pid",
-        f"SlurmdPidFile={state}/slurmd.pid",
+        f"SlurmdPidFile={state}/slurmd-%n.pid",
         f"SlurmctldLogFile={state}/slurmctld.log",
-        f"SlurmdLogFile={state}/slurmd.log",
+        f"SlurmdLogFile={state}/slurmd-%n.log",
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
         "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core",
+        "SelectTypeParameters=CR_Core_Memory",
         "ReturnToService=2",
-        "JobAcctGatherType=jobacct_gather/none",
+        "JobAcctGatherType=jobacct_gather/linux",
+        "JobAcctGatherParams=OverMemoryKill",
+        "JobAcctGatherFrequency=task=2",  # memory sampled every 2 s (default 30)
+        "JobCompType=jobcomp/filetxt",
+        f"JobCompLoc={state}/jobcomp.txt",
         "MpiDefault=none",
         "SchedulerType=sched/backfill",
         "SchedulerParameters=sched_interval=1",  # the main scheduler every second, not every minute
         "MaxArraySize=4",  # small, so that the tests exercise chunking of job arrays
         "MinJobAge=3600",  # keep finished jobs visible to scontrol for the whole test session
-        "KillWait=5",
+        "KillWait=30",
         "OverTimeLimit=0",
-        node_line(),
-        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
+        *node_lines(),
+        f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
         "",
     ])
 
@@ -109,28 +125,28 @@ def start(state: Path, timeout: float = 60.0) -> Path:
         raise ClusterUnavailable(why)
     stop(state)
     state.mkdir(parents=True, exist_ok=True)
-    for sub in ("ctld", "spool"):
+    for sub in ("ctld", *(f"spool-{n}" for n in NODES)):
         (state / sub).mkdir(exist_ok=True)
     _start_munge()
     conf = state / "slurm.conf"
     conf.write_text(slurm_conf(state))
     os.environ["SLURM_CONF"] = str(conf)
     subprocess.run(["slurmctld", "-f", str(conf)], check=True)
-    subprocess.run(["slurmd", "-f", str(conf)], check=True)
+    for name in NODES:
+        subprocess.run(["slurmd", "-f", str(conf), "-N", name], check=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
         out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.split()
         if out and all(s == "idle" for s in out):
             return conf
         time.sleep(0.5)
-    logs = "".join((state / f"{d}.log").read_text()[-2000:] for d in DAEMONS if (state / f"{d}.log").exists())
+    logs = "".join(p.read_text()[-2000:] for p in sorted(state.glob("slurm*.log")))
     raise ClusterUnavailable(f"the node did not become idle in {timeout:.0f} s; daemon logs:\n{logs}")
 
 
 def stop(state: Path) -> None:
     """Stop the daemons by their pid files (munged is left running: it is harmless and shared)."""
-    for daemon in DAEMONS:
-        pid_file = state / f"{daemon}.pid"
+    for pid_file in [*(state / f"slurmd-{n}.pid" for n in NODES), state / "slurmctld.pid"]:
         if not pid_file.exists():
             continue
         try:

@@ -1,6 +1,8 @@
-"""SLURM: rendered scripts (golden files), cluster profiles, and real jobs on a single-node SLURM cluster
-started by the tests (tests/slurm_cluster.py): an array build equal to a local build, training followed
-by evaluation, resubmission that submits nothing twice, and a preempted job that resumes.
+"""SLURM: rendered scripts (golden files), cluster profiles, and real jobs on a two-node SLURM cluster on this
+machine, memory enforced, started by the tests (tests/slurm_cluster.py): an array build equal to a local build,
+training followed by evaluation (each job within its measured memory estimate), resubmission that submits
+nothing twice, a job preempted with USR2 and then requeued with `scontrol requeue` (TERM) that resumes with
+every step once, a two-node training job, and `status` saying why jobs failed (memory, time limit, exit code).
 
 UPDATE_GOLDEN=1 python -m pytest tests/test_slurm.py -k golden   # after an intended change to the scripts
 """
@@ -324,10 +326,26 @@ def test_array_build_then_training_then_eval_and_a_resubmission_submits_nothing(
     assert re.search(r"train-tiny +\d+ COMPLETED +4 +4 +4/4", status), status
 
 
+def last_step(run: Path) -> int:
+    lines = (run / "data-indices" / "rank0.tsv").read_text().splitlines()
+    return int(lines[-1].split("\t", 1)[0]) if lines else 0
+
+
+def release(job_id: str) -> None:
+    """A requeued job becomes eligible after a delay (about two minutes, for the first run's credential to be
+    revoked); release it a few seconds after the requeue instead (slurmd refuses a launch in the same second
+    as the revocation: "Job credential revoked")."""
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], check=True)
+
+
 def test_a_preempted_training_job_saves_requeues_and_resumes_from_its_checkpoint(cluster, project, capsys):
+    """USR2 (SLURM's warning before a time limit or a preemption): the script requeues the job; then
+    `scontrol requeue` (SIGTERM to every process, SIGKILL after KillWait): SLURM requeues it. Both times the
+    trainer saves after its current step, and the next run resumes there: every step trained once."""
     data = built(project)
     runs = project / "preempted"
-    submit = ["slurm", "submit", "--profile", "local-cpu", "--config", TINY, "--set", "max_duration=40",
+    steps = 16  # room for two stops (after steps 2 and 3 or so) and the rest
+    submit = ["slurm", "submit", "--profile", "local-cpu", "--config", TINY, "--set", f"max_duration={steps}",
               "--data", data, "--runs", runs, "--no-eval"]
     assert run_cli(*submit) == 0
     job_id = json.loads((runs / "slurm" / "state.json").read_text())["jobs"]["train-tiny"]["id"]
@@ -341,23 +359,33 @@ def test_a_preempted_training_job_saves_requeues_and_resumes_from_its_checkpoint
     # What SLURM does before a time limit or a preemption: USR2 to the batch shell.
     subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], check=True)
     wait_for(lambda: job_state(job_id) == ("PENDING", 1) and node_idle(), "the job to requeue itself", timeout=300)
-    # A requeued job becomes eligible after a delay (about two minutes, for the first run's credential to be
-    # revoked); release it a few seconds after the requeue instead (slurmd refuses a launch in the same
-    # second as the revocation: "Job credential revoked").
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], check=True)
-    wait_finished(runs)
+    release(job_id)
+    wait_for(lambda: "(restart count 1)" in logs(runs, "train-tiny"), "the requeued job to resume")
     log = logs(runs, "train-tiny")
-    assert job_state(job_id) == ("COMPLETED", 1), log[-3000:]
     assert "olmo-inject: USR2, saving and requeueing" in log and "restart 1" in log
     resumed = re.search(r"resuming from \S*step(\d+)-unsharded", log)
-    assert resumed and 2 <= int(resumed.group(1)) < 40, log[-3000:]
+    assert resumed and 2 <= int(resumed.group(1)) < steps, log[-3000:]
     assert re.search(rf"starting at step {resumed.group(1)} \(restart count 1\)", log), log[-3000:]
-    # Every step ran once, in OLMo's order, across the two jobs.
-    steps = [int(line.split("\t", 1)[0]) for line in (run / "data-indices" / "rank0.tsv").read_text().splitlines()]
-    assert steps == list(range(1, 41))
-    assert (run / "step40-unsharded" / "model.pt").exists()
+
+    # `scontrol requeue` while it trains: SIGTERM to every process of the job; SLURM requeues it.
+    wait_for(lambda: last_step(run) > int(resumed.group(1)), "a step after the resumption")
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    wait_for(lambda: job_state(job_id) == ("PENDING", 2) and node_idle(), "SLURM to requeue the job", timeout=300)
+    trained = last_step(run)  # the last step the TERMed run trained: its checkpoint must be there
+    assert trained < steps, "the run ended before the requeue; nothing tested"
+    release(job_id)
+    wait_finished(runs)
+    log = logs(runs, "train-tiny")
+    assert job_state(job_id) == ("COMPLETED", 2), log[-3000:]
+    assert "olmo-inject: TERM, saving after the current step" in log and "restart 2" in log
+    assert re.search(rf"resuming from \S*step{trained}-unsharded", log), (trained, log[-3000:])
+    assert re.search(rf"starting at step {trained} \(restart count 2\)", log), log[-3000:]
+    # Every step ran once, in OLMo's order, across the three runs of the job.
+    logged = [int(line.split("\t", 1)[0]) for line in (run / "data-indices" / "rank0.tsv").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))
+    assert (run / f"step{steps}-unsharded" / "model.pt").exists()
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["max_duration"] == 40
+    assert config["max_duration"] == steps
 
 
 def test_cancel_stops_a_runs_jobs_and_a_resubmission_resumes_them(cluster, project, capsys):
@@ -383,3 +411,67 @@ def test_cancel_stops_a_runs_jobs_and_a_resubmission_resumes_them(cluster, proje
     capsys.readouterr()
     assert run_cli(*[a if a != "max_duration=40" else "max_duration=50" for a in submit]) == 2
     assert "was submitted with other settings (trainings differs" in capsys.readouterr().err
+
+
+def test_a_two_node_training_job_meets_at_the_head_node_and_each_rank_reads_its_share(cluster, project):
+    """The training script as a cluster runs it on two nodes: one `olmo-inject train` per node under srun, both
+    launchers meeting at the head node's address and the job's port; rank r trains on its half of every
+    global batch of the build's planned order (ai2-olmo: the order's r::2 slice, 16 instances a step)."""
+    from inject.order import FIRST_EPOCH, ai2_olmo_order
+
+    data = built(project)
+    runs = project / "two-nodes"
+    steps = 3
+    assert run_cli("slurm", "submit", "--profile", "local-cpu", "--config", TINY, "--set", f"max_duration={steps}",
+                   "--nodes", "tiny=2", "--data", data, "--runs", runs, "--no-eval") == 0
+    job_id = wait_finished(runs)["train-tiny"]["id"]
+    log = logs(runs, "train-tiny")
+    assert job_state(job_id)[0] == "COMPLETED", log[-3000:]
+    assert re.search(r"nodes node\[1-2\], rendezvous \d+\.\d+\.\d+\.\d+:\d+", log), log[-3000:]
+    config = yaml.safe_load(TINY.read_text())
+    instances = json.loads((data / "manifest.json").read_text())["counts"]["instances"]
+    order = ai2_olmo_order(instances, config["seed"], config["data"]["drop_last"], epoch=FIRST_EPOCH["ai2-olmo"],
+                           world_size=2)
+    per_rank = config["global_train_batch_size"] // 2
+    for rank in (0, 1):
+        lines = (runs / "tiny" / "data-indices" / f"rank{rank}.tsv").read_text().splitlines()
+        trained = {int(line.split()[0]): [int(i) for i in line.split()[1:]] for line in lines}
+        assert len(lines) == steps and sorted(trained) == list(range(1, steps + 1))
+        planned = order[rank::2]
+        for step, batch in trained.items():
+            assert batch == planned[(step - 1) * per_rank: step * per_rank].tolist(), (rank, step)
+    assert (runs / "tiny" / f"step{steps}-unsharded" / "model.pt").exists()
+
+
+def test_status_says_why_a_job_failed(cluster, project, tmp_path, capsys):
+    """Memory is enforced: a training job that asks too little is killed, and `slurm status` says it ran out of
+    memory (the tiny jobs' default requests pass: the first test). A time limit and an exit code, from plain
+    jobs beside it, are reported from SLURM's records (the job completion log, `sacct -c`)."""
+    from slurm.submit import why_failed
+
+    plain = tmp_path / "plain"
+    (plain / "logs").mkdir(parents=True)
+    ids = {}
+    for key, options, command in [("slow", "--time=1", "sleep 600"), ("exit3", "--time=5", "exit 3")]:
+        script = plain / f"{key}.sbatch"
+        script.write_text(f"#!/bin/bash\n#SBATCH --mem=50M {options} --output={plain}/logs/{key}-%j.out\n{command}\n")
+        ids[key] = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+
+    data = built(project)
+    runs = project / "too-little-memory"
+    profile = tmp_path / "small.yaml"
+    profile.write_text((REPO / "slurm" / "profiles" / "local-cpu.yaml").read_text() + "mem: 400M\n")
+    assert run_cli("slurm", "submit", "--profile", profile, "--config", TINY, "--set", "max_duration=4",
+                   "--data", data, "--runs", runs, "--eval-seen", "10", "--eval-held-out", "10") == 0
+    jobs = wait_finished(runs)
+    capsys.readouterr()
+    assert run_cli("slurm", "status", "--runs", runs) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train-tiny did not complete: .*FAILED, exit code \d+; out of memory \(log: .*exceeded memory limit \(\d+ > \d+\)", out), out
+    assert job_state(jobs["eval-tiny"]["id"])[0] == "CANCELLED"  # its dependency failed
+    assert re.search(r"eval-tiny did not complete: .*CANCELLED, cancelled", out), out
+
+    wait_for(lambda: job_state(ids["slow"])[0] == "TIMEOUT", "the time limit", timeout=300)
+    assert why_failed(ids["slow"], plain / "logs", "slow").startswith(f"{ids['slow']}: TIMEOUT, time limit")
+    assert why_failed(ids["exit3"], plain / "logs", "exit3") == f"{ids['exit3']}: FAILED, exit code 3"

@@ -51,6 +51,11 @@ def run_workers(python: str, worker: list[str], nproc: int, nnodes: int = 1, ren
         else:
             placement = [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous}",
                          f"--rdzv_id={os.environ.get('SLURM_JOB_ID', 'olmo-inject')}"]
+            # Under srun, the allocation's first node (where the batch script found the address) hosts the
+            # rendezvous store. torchrun would guess it from the host's names, which need not resolve to that
+            # address (e.g. a hostname in /etc/hosts as 127.0.x.x): then no node hosts it and all time out.
+            if os.environ.get("SLURM_NODEID", "").isdigit():
+                placement.append(f"--rdzv_conf=is_host={int(os.environ['SLURM_NODEID'] == '0')}")
         command = [python, "-m", "torch.distributed.run", *placement, f"--nproc_per_node={nproc}", *worker]
         # torchrun's agent would die on SIGUSR2, so it ignores it (an inherited SIG_IGN); its workers run in
         # sessions of their own and install their own handler first thing: the signal goes to each of them.
