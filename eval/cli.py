@@ -20,7 +20,7 @@ def register(sub) -> None:
              "olmo-inject demo --workdir /tmp/olmo-inject-demo")
     p.add_argument("--workdir", type=Path, default=Path("olmo-inject-demo"), help="folder for everything the demo writes (default: ./olmo-inject-demo)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
-    p.add_argument("--train-steps", type=int, default=20, help="steps of tiny-model training at the end (default: 20)")
+    p.add_argument("--train-steps", type=int, default=10, help="steps of tiny-model training at the end (default: 10)")
 
     p = add_verb(sub, "eval", "score a run's checkpoints on the build's seen, pending and held-out instances (skips finished steps)",
              "olmo-inject eval runs/tiny --data olmo-inject-demo/build --seen 200 --pending 200 --held-out 200")

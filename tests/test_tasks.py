@@ -192,11 +192,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "verify: OK" in out and "batches checked: 100 of 100" in out
     assert (tmp_path / "demo" / "plan.png").exists() and (tmp_path / "demo" / "build" / "ledger.npy").exists()
-    assert (tmp_path / "demo" / "run-tiny" / "step20-unsharded" / "model.pt").exists()
-    rows = [json.loads(line) for line in (tmp_path / "demo" / "run-tiny" / "eval" / "step20.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in rows} == {"seen", "pending", "held_out"}  # seen: only instances trained on by step 20
-    assert all(r["exposures"] >= 1 and r["first_exposure"] <= 20 for r in rows if r["split"] == "seen")
-    assert all(r["exposures"] == 0 and r["first_exposure"] > 20 for r in rows if r["split"] == "pending")
+    assert (tmp_path / "demo" / "run-tiny" / "step10-unsharded" / "model.pt").exists()
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "run-tiny" / "eval" / "step10.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in rows} == {"seen", "pending", "held_out"}  # seen: only instances trained on by step 10
+    assert all(r["exposures"] >= 1 and r["first_exposure"] <= 10 for r in rows if r["split"] == "seen")
+    assert all(r["exposures"] == 0 and r["first_exposure"] > 10 for r in rows if r["split"] == "pending")
 
 
 def test_examples_move_out_of_instances_whose_own_text_the_filter_masks(tmp_path, capsys):
