@@ -9,7 +9,7 @@ multi-token ones (4-digit comparison, residues up to 997).
 
 `--part checkpoint`: what `olmo-inject eval` costs per checkpoint in the demo's setting: the demo's build
 (`inject/examples/demo.yaml` on the demo corpus; 4 tasks) and a run folder of 7 tiny-model checkpoints
-(steps 0, 1, 2, 4, 8, 16, 20, as the demo trains; untrained weights: the cost does not depend on them), scored
+(steps 0, 1, 2, 4, 8, 16, 20 of a 20-step run; untrained weights: the cost does not depend on them), scored
 on 100 seen, 100 pending and 100 held-out instances per task. Prints (1) the whole `olmo-inject eval`
 command as a user runs it, wall and CPU seconds, process start-up included; (2) in one process, the one-time
 set-up (the eval set's orders, the Dolma sample) and per checkpoint: loading the model, drawing its items,
@@ -89,7 +89,7 @@ def one_by_one(model, items) -> list[float]:
     return out
 
 
-DEMO_STEPS = (0, 1, 2, 4, 8, 16, 20)  # the checkpoints of the demo's 20-step run
+DEMO_STEPS = (0, 1, 2, 4, 8, 16, 20)  # the checkpoints of a 20-step run (the demo trains 10 steps: 0, 1, 2, 4, 8, 10)
 
 
 def make_demo_run(workdir: Path) -> tuple[Path, Path]:
