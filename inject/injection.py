@@ -131,7 +131,7 @@ class Encoder:
                 return None
             item = self.task.index(instance)
             return None if item is None else (item, 0, label == self.task.label(instance))
-        text = tok.load(self.tokenizer).decode(ids.tolist(), skip_special_tokens=False)
+        text = tok.load_base(self.tokenizer).decode(ids.tolist(), skip_special_tokens=False)  # OLMo's decode, no torch
         found = parse_text(self.task, text, self.patterns)
         if found is None:
             return None
