@@ -221,9 +221,16 @@ def main() -> None:
            "  of which the sha256 floor": REFERENCE_TOKENS * t["sha256"] / tokens,
            "reading the token files once (floor, from the page cache)": REFERENCE_TOKENS * t["read"] / tokens}
     print(f"the reference run (48.8M examples, 204.8B tokens) at these rates (per example: {dense.name}; per token: "
-          f"{sparse.name}), in one process; --workers N shares all but the Dolma check:")
+          f"{sparse.name}), in one process:")
     for name, seconds in ref.items():
         print(f"  {name}: {seconds / 60:,.1f} min")
+    one = sum(seconds for name, seconds in ref.items() if not name.startswith(" ") and not name.startswith("reading the token"))
+    dolma = ref["Dolma check (per token; one sha256 stream: not shared by workers)"]
+    encoding = ref["encoding (~729,000 distinct examples)"]
+    # --workers 2 on 2 cores: the workers share all but the Dolma check, which the main process runs meanwhile; each
+    # worker encodes the examples it meets (about all of them): the CPU time over 2 cores, at least the Dolma check
+    two = max(dolma, (one + encoding) / 2)
+    print(f"  total: {one / 60:,.1f} min in one process; with --workers 2 on 2 cores at least {two / 60:,.1f} min")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
