@@ -269,6 +269,11 @@ def cmd_demo(args) -> int:
     clock.lap("train")
 
     print(f"[5/6] evaluating every checkpoint of {run} on seen (trained on by then), pending and held-out instances")
+    import torch
+
+    # One thread: the tiny model's operations are too small to share, and with other jobs on the cores a second
+    # thread mostly spins (benchmarks/eval_scoring.py at load ~4: 1.6 s per checkpoint on one thread, 4.6 on two).
+    torch.set_num_threads(1)
     result = evaluate(run, work / "build", seen=100, pending=100, held_out=100)
     if result.failed:
         raise InjectError("evaluation failed: " + "; ".join(result.failed))
