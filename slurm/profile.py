@@ -1,7 +1,7 @@
 """Cluster profiles: everything that differs between SLURM clusters, in one YAML file, out of the code.
 
 Two ship with the toolkit (slurm/profiles/): `example-8gpu` (8 GPUs per node, the shape of most
-clusters; copy and edit it) and `local-cpu` (one CPU node, e.g. the single-node SLURM of the tests).
+clusters; copy and edit it) and `local-cpu` (CPU nodes, one process each, e.g. the two-node SLURM of the tests).
 """
 
 from __future__ import annotations
