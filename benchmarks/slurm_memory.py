@@ -6,7 +6,8 @@ say), so rerun this after a change that moves memory (a new dependency, another 
     python benchmarks/slurm_memory.py [--workdir bench-memory]
 
 Runs, one after the other, what the local-cpu jobs run on the demo corpus (8 shards): a tokenize array task
-(`build --part 0/4 --workers 1`), the finishing build and verify (`--workers 1`), tiny training (4 steps,
+(`build --part 0/4 --workers 1`; part 1/4 with `--workers 2`: the main process and two tokenizer processes),
+the finishing build and verify (`--workers 1`), tiny training (4 steps,
 one CPU process, under our launcher and torchrun) and evaluation of its checkpoints (10 + 10 per task).
 """
 
@@ -84,6 +85,7 @@ def main() -> None:
     tiny = REPO / "olmo_configs" / "tiny.yaml"
     kinds = [
         ("build-tokenize", cli + ["build", "build.yaml", "--out", "build", "--workers", "1", "--part", "0/4"]),
+        ("build-tokenize, 2 workers", cli + ["build", "build.yaml", "--out", "build", "--workers", "2", "--part", "1/4"]),
         ("build-finish", cli + ["build", "build.yaml", "--out", "build", "--workers", "1"]),
         ("build-finish (verify)", cli + ["verify", "build", "--workers", "1"]),
         ("train tiny", cli + ["train", str(tiny), "--data", "build", "--run", "run", "--max_duration=4"]),

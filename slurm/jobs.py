@@ -121,7 +121,7 @@ class Submission:
         array = f"0-{parts - 1}" + (f"%{p.max_array_running}" if parts > p.max_array_running else "")
         command = (f"olmo-inject build {q(self.build_config)} --out {q(self.data)} --workers {b.cpus} "
                    f"--part \"$SLURM_ARRAY_TASK_ID/{parts}\"")
-        memory = self._memory(b, "build", workers=b.cpus)
+        memory = self._memory(b, "tokenize", workers=b.cpus)
         lines = self._header("build-tokenize", f"tokenize {self.build_inputs} inputs of {self.build_config} in "
                              f"{parts} array tasks (task K takes inputs i with i % {parts} == K), at most "
                              f"{p.max_array_running} at once", _resources(b, memory[0]), array=array, own=b)
@@ -132,7 +132,7 @@ class Submission:
 
     def _finish_job(self) -> Job:
         b = self.profile.build
-        memory = self._memory(b, "build", workers=b.cpus)
+        memory = self._memory(b, "finish", workers=b.cpus)
         lines = self._header("build-finish", f"finish the build of {self.build_config} into {self.data} "
                              f"(reuses the array's tokenized inputs; injects, writes, checks)",
                              _resources(b, memory[0]), own=b)

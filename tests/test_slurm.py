@@ -107,8 +107,9 @@ def test_reference_ladder_scripts_are_what_a_cluster_accepts():
     options = sbatch_options(tokenize)
     assert options["array"] == "0-312%32" and '--part "$SLURM_ARRAY_TASK_ID/313"' in tokenize
     assert options["cpus-per-task"] == "8" and "--workers 8 --part" in tokenize
-    assert options["mem"] == "7G"  # 9 processes x 0.48 GiB x 1.5
+    assert options["mem"] == "1G"  # a tokenizing task: 0.09 GiB + 8 x 0.07 GiB, x 1.5
     assert "--workers 8" in jobs["build-finish"].script
+    assert sbatch_options(jobs["build-finish"].script)["mem"] == "7G"  # verify: 9 x 0.45 GiB, x 1.5
     assert jobs["build-finish"].after == ["build-tokenize"]
 
 
