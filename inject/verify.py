@@ -46,7 +46,7 @@ from .errors import InjectError
 from .injection import Encoder, task_space
 from .ledger import read_ledger
 from .place import PLAN_FILE, POOLS_FILE
-from .stream import BackgroundHash, TokenStream
+from .stream import BackgroundHash, TokenFile, TokenStream
 from .tasks import make_task
 
 MAX_LISTED = 20
@@ -642,8 +642,9 @@ def check_ledger_against_plan(view: BuildView, ledger: np.ndarray, report: Repor
     report.checked["ledger rows"] = f"{len(ledger):,}"
 
 
-def _open_outputs(view: BuildView) -> list[np.ndarray]:
-    return [np.memmap(view.path / f["path"], dtype=view.manifest["dtype"], mode="r") for f in view.manifest["outputs"]]
+def _open_outputs(view: BuildView) -> list[TokenFile]:
+    """The token files, read by slices into fresh arrays (not mapped: a whole pass costs a chunk of memory)."""
+    return [TokenFile(view.path / f["path"], view.manifest["dtype"], 0, f["tokens"]) for f in view.manifest["outputs"]]
 
 
 HELD_OUT_CHUNK = 1 << 24
@@ -669,7 +670,7 @@ def _held_out_in(job: tuple, view: BuildView | None = None, ledger: np.ndarray |
         starts = np.concatenate([[-1], ends[:-1]]) + 1
         lengths = ends - starts
         keep = (lengths >= 2) & (lengths <= longest) & (base + ends >= start)
-        if base > 0 and tokens[base - 1] != view.eos:
+        if base > 0 and tokens[base - 1 : base][0] != view.eos:
             keep &= starts != 0  # the middle of a segment that began before this chunk
         starts, ends = starts[keep], ends[keep]
         row_of = positions.at(first_instance[f] * view.manifest["sequence_length"] + base + starts)
@@ -839,7 +840,7 @@ def check_dolma(view: BuildView, ledger: np.ndarray, report: Report) -> None:
 DOLMA_CHUNK = 1 << 24
 
 
-def _eos_outside(view: BuildView, outputs: list[np.ndarray], instance: int, end: int) -> bool:
+def _eos_outside(view: BuildView, outputs: list[TokenFile], instance: int, end: int) -> bool:
     """Whether an instance whose block starts at offset 0 holds an EOS after its block (asked only of blocks
     without a boundary)."""
     L = view.manifest["sequence_length"]

@@ -13,6 +13,7 @@ launch, completed_step, final_step, final_checkpoint_markers (`olmo-inject train
 from __future__ import annotations
 
 import functools
+import mmap
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from ..errors import ConfigError, InjectError
 from ..identity import bind_run
 from ..lock import folder_lock
 from ..order import FIRST_EPOCH, ai2_olmo_order
-from . import RESOLVED, check_vocabulary, write_run_config
+from . import check_vocabulary, write_run_config
 from .torchrun import run_workers
 
 NAME = "ai2-olmo"
@@ -214,23 +215,37 @@ def loader_batches(manifest: dict, chosen: list[int], use_filter: bool, report, 
 def _batches_in_order(order: LoaderOrder, manifest: dict, chosen: list[int]):
     B = manifest["injection"]["training"]["global_batch_size"]
     indices = np.memmap(order.indices, dtype=np.uint32, mode="r")[order.first : order.stop : order.step]
-    files = _instance_files(order)
+    files, mappings = _instance_files(order)
+    read = 0
     for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
         index = np.asarray(indices[(step - 1) * B : step * B]).astype(np.int64)
         batch = {"input_ids": _read_instances(files, index), "index": index}
+        read += batch["input_ids"].nbytes
+        if read >= RELEASE_EVERY:  # pages read through a mapping stay resident (and count as the job's memory)
+            for mapping in mappings:
+                mapping.madvise(mmap.MADV_DONTNEED)  # read-only and shared: they are read again from the page cache
+            read = 0
         if order.instance_filter is not None:
             batch["instance_filter"] = functools.partial(_masked, order.instance_filter)
         yield step, batch
 
 
-def _instance_files(order: LoaderOrder) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(first instance of each token file, its tokens as [instances, L]), as MemMapDataset maps instances to files."""
-    L, firsts, files = order.sequence_length, [], []
+RELEASE_EVERY = 1 << 28
+"""Bytes of instances read between two releases of the token files' mapped pages: verify's memory stays flat
+in the size of the build (SLURM's memory accounting counts mapped file pages)."""
+
+
+def _instance_files(order: LoaderOrder) -> tuple[tuple[np.ndarray, list[np.ndarray]], list[mmap.mmap]]:
+    """((first instance of each token file, its tokens as [instances, L]), the files' mappings), as MemMapDataset
+    maps instances to files."""
+    L, firsts, files, mappings = order.sequence_length, [], [], []
     for path, start, end in order.files:
-        tokens = np.asarray(np.memmap(path, dtype=order.dtype, mode="r"))  # a plain array over the mapping
+        mapped = np.memmap(path, dtype=order.dtype, mode="r")
+        tokens = np.asarray(mapped)  # a plain array over the mapping
         firsts.append(start)
         files.append(tokens[: (end - start) * L].reshape(end - start, L))
-    return np.array(firsts, dtype=np.int64), files
+        mappings.append(mapped._mmap)
+    return (np.array(firsts, dtype=np.int64), files), mappings
 
 
 def _read_instances(files, index: np.ndarray) -> np.ndarray:
