@@ -216,21 +216,22 @@ def _batches_in_order(order: LoaderOrder, manifest: dict, chosen: list[int]):
     B = manifest["injection"]["training"]["global_batch_size"]
     indices = np.memmap(order.indices, dtype=np.uint32, mode="r")[order.first : order.stop : order.step]
     files, mappings = _instance_files(order)
-    read = 0
+    read, touched = 0, set()
     for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
         index = np.asarray(indices[(step - 1) * B : step * B]).astype(np.int64)
         batch = {"input_ids": _read_instances(files, index), "index": index}
         read += batch["input_ids"].nbytes
+        touched.update(np.unique(np.searchsorted(files[0], index, side="right") - 1).tolist())
         if read >= RELEASE_EVERY:  # pages read through a mapping stay resident (and count as the job's memory)
-            for mapping in mappings:
-                mapping.madvise(mmap.MADV_DONTNEED)  # read-only and shared: they are read again from the page cache
-            read = 0
+            for f in touched:  # read-only and shared: they are read again from the page cache when needed
+                mappings[f].madvise(mmap.MADV_DONTNEED)
+            read, touched = 0, set()
         if order.instance_filter is not None:
             batch["instance_filter"] = functools.partial(_masked, order.instance_filter)
         yield step, batch
 
 
-RELEASE_EVERY = 1 << 28
+RELEASE_EVERY = 1 << 25
 """Bytes of instances read between two releases of the token files' mapped pages: verify's memory stays flat
 in the size of the build (SLURM's memory accounting counts mapped file pages)."""
 
