@@ -219,9 +219,8 @@ def _batches_in_order(order: LoaderOrder, manifest: dict, chosen: list[int]):
     read, touched = 0, set()
     for step in tqdm(chosen, desc="verify batches", unit="batch", disable=None):
         index = np.asarray(indices[(step - 1) * B : step * B]).astype(np.int64)
-        batch = {"input_ids": _read_instances(files, index), "index": index}
+        batch = {"input_ids": _read_instances(files, index, touched), "index": index}
         read += batch["input_ids"].nbytes
-        touched.update(np.unique(np.searchsorted(files[0], index, side="right") - 1).tolist())
         if read >= RELEASE_EVERY:  # pages read through a mapping stay resident (and count as the job's memory)
             for f in touched:  # read-only and shared: they are read again from the page cache when needed
                 mappings[f].madvise(mmap.MADV_DONTNEED)
@@ -249,14 +248,17 @@ def _instance_files(order: LoaderOrder) -> tuple[tuple[np.ndarray, list[np.ndarr
     return (np.array(firsts, dtype=np.int64), files), mappings
 
 
-def _read_instances(files, index: np.ndarray) -> np.ndarray:
-    """The tokens of the given instances, [len(index), L], in the order given."""
+def _read_instances(files, index: np.ndarray, touched: set | None = None) -> np.ndarray:
+    """The tokens of the given instances, [len(index), L], in the order given; adds the files read to `touched`."""
     firsts, arrays = files
     which = np.searchsorted(firsts, index, side="right") - 1
     out = np.empty((len(index), arrays[0].shape[1]), dtype=arrays[0].dtype)
     order = np.argsort(which, kind="stable")
     bounds = np.searchsorted(which[order], np.arange(len(arrays) + 1))
-    for f in np.unique(which).tolist():
+    read_files = np.unique(which).tolist()
+    if touched is not None:
+        touched.update(read_files)
+    for f in read_files:
         rows = order[bounds[f] : bounds[f + 1]]
         out[rows] = arrays[f][index[rows] - firsts[f]]
     return out
