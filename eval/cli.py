@@ -17,13 +17,13 @@ from inject.errors import InjectError
 def register(sub) -> None:
     """Add eval's verbs to `olmo-inject`'s parser."""
     p = add_verb(sub, "demo", "sample corpus -> injected build -> verify -> tiny OLMo training -> eval -> report, end to end, in one folder",
-             "olmo-inject demo --workdir /tmp/olmo-inject-demo")
+                 "olmo-inject demo --workdir /tmp/olmo-inject-demo")
     p.add_argument("--workdir", type=Path, default=Path("olmo-inject-demo"), help="folder for everything the demo writes (default: ./olmo-inject-demo)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     p.add_argument("--train-steps", type=int, default=10, help="steps of tiny-model training at the end (default: 10)")
 
     p = add_verb(sub, "eval", "score a run's checkpoints on the build's seen, pending and held-out instances (skips finished steps)",
-             "olmo-inject eval runs/tiny --data olmo-inject-demo/build --seen 200 --pending 200 --held-out 200")
+                 "olmo-inject eval runs/tiny --data olmo-inject-demo/build --seen 200 --pending 200 --held-out 200")
     p.add_argument("run", type=Path, help="a run folder (every stepN checkpoint in it) or one checkpoint folder: ai2-olmo "
                    "unsharded (stepN-unsharded/) or sharded (stepN/), OLMo-core (stepN/), or a Hugging Face model folder")
     p.add_argument("--data", type=Path, required=True, help="the build the run trained on")
@@ -43,12 +43,12 @@ def register(sub) -> None:
                    "against eval/step; WANDB_MODE=offline needs no network")
 
     p = add_verb(sub, "eval-set", "the eval sets as Hugging Face datasets and lm-evaluation-harness tasks",
-             "olmo-inject eval-set export build/ --out eval-sets/ --step 5000\n"
-             "  lm_eval --model hf --model_args pretrained=runs/20M-hf --include_path eval-sets/lm_eval --tasks olmo_inject")
+                 "olmo-inject eval-set export build/ --out eval-sets/ --step 5000\n"
+                 "  lm_eval --model hf --model_args pretrained=runs/20M-hf --include_path eval-sets/lm_eval --tasks olmo_inject")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     q = add_verb(actions, "export", "write each task's seen, pending and held-out instances at a step (eval's own draw) as "
-             "Parquet files, a datasets.save_to_disk folder per task and lm-eval multiple-choice tasks",
-             "olmo-inject eval-set export build/ --out eval-sets/ --step 5000 --seen 200 --pending 200 --held-out 200")
+                 "Parquet files, a datasets.save_to_disk folder per task and lm-eval multiple-choice tasks",
+                 "olmo-inject eval-set export build/ --out eval-sets/ --step 5000 --seen 200 --pending 200 --held-out 200")
     q.add_argument("build_dir", type=Path)
     q.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist)")
     q.add_argument("--step", type=int, help="the checkpoint step the splits are drawn for (default: the plan's last)")
@@ -58,19 +58,19 @@ def register(sub) -> None:
     q.add_argument("--seed", type=int, default=0, help="seed of the draw, as eval's --seed (default: 0)")
 
     p = add_verb(sub, "report", "plots (PNG) and a one-page summary (Markdown, HTML) from eval results of one or more runs",
-             "olmo-inject report runs/20M runs/60M runs/150M --out report/")
+                 "olmo-inject report runs/20M runs/60M runs/150M --out report/")
     p.add_argument("results", type=Path, nargs="+", help="run folders (with eval/) or eval results folders")
     p.add_argument("--out", type=Path, required=True, help="folder for results.csv, the PNGs and summary.md/.html")
 
     p = add_verb(sub, "analyze", "mechanism analyses of a run's checkpoints: linear probes of task features, gradient interference",
-             "olmo-inject analyze probe runs/tiny --data olmo-inject-demo/build\n"
-             "  olmo-inject analyze interference runs/tiny --data olmo-inject-demo/build")
+                 "olmo-inject analyze probe runs/tiny --data olmo-inject-demo/build\n"
+                 "  olmo-inject analyze interference runs/tiny --data olmo-inject-demo/build")
     analyses = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
     q = add_verb(analyses, "probe", "linear probes on hidden states at the answer position, per layer: decode each task's "
-             "features (comparison outcome and numbers; residue and Fourier components mod p), trained on seen "
-             "instances, tested on held-out ones (skips finished steps)",
-             "olmo-inject analyze probe runs/tiny --data olmo-inject-demo/build --seen 400 --held-out 200\n"
-             "  olmo-inject analyze probe runs/60M --data build/ --plot-with runs/20M/probe   # sizes in one plot")
+                 "features (comparison outcome and numbers; residue and Fourier components mod p), trained on seen "
+                 "instances, tested on held-out ones (skips finished steps)",
+                 "olmo-inject analyze probe runs/tiny --data olmo-inject-demo/build --seen 400 --held-out 200\n"
+                 "  olmo-inject analyze probe runs/60M --data build/ --plot-with runs/20M/probe   # sizes in one plot")
     _analysis_arguments(q, "probe")
     q.add_argument("--seen", type=int, default=400, help="seen instances per task, the probes' training set (default: 400)")
     q.add_argument("--held-out", type=int, default=200, help="held-out instances per task, the test set (default: 200)")
@@ -79,11 +79,11 @@ def register(sub) -> None:
     q.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default: 64)")
 
     q = add_verb(analyses, "interference", "gradient interference per checkpoint: gradients of each task's examples, plain "
-             "Dolma and the next real training batch (split into task tokens and other tokens); norms, pairwise cosines "
-             "per layer and for the first MLP layer's most task-responsive neurons; the batch's share along each "
-             "task's gradient (skips finished steps)",
-             "olmo-inject analyze interference runs/tiny --data olmo-inject-demo/build --n-task 64 --n-dolma 8\n"
-             "  olmo-inject analyze interference runs/1B --data build/ --device cuda --batch-instances 64")
+                 "Dolma and the next real training batch (split into task tokens and other tokens); norms, pairwise cosines "
+                 "per layer and for the first MLP layer's most task-responsive neurons; the batch's share along each "
+                 "task's gradient (skips finished steps)",
+                 "olmo-inject analyze interference runs/tiny --data olmo-inject-demo/build --n-task 64 --n-dolma 8\n"
+                 "  olmo-inject analyze interference runs/1B --data build/ --device cuda --batch-instances 64")
     _analysis_arguments(q, "interference")
     q.add_argument("--n-task", type=int, default=64, help="seen examples per task for each task's gradient (default: 64)")
     q.add_argument("--n-dolma", type=int, default=8, help="plain Dolma instances for the Dolma gradient (default: 8)")
@@ -94,10 +94,10 @@ def register(sub) -> None:
     q.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward pass (default: 8)")
 
     p = add_verb(sub, "toy", "the synthetic capacity experiment (CPU, minutes): a power-law mixture of sparse-parity tasks "
-             "learned by MLPs of several widths, and the spacing experiment; plots, tables, CSVs",
-             "olmo-inject toy --out toy-out                  # the default setting, a few minutes on 2 cores\n"
-             "  olmo-inject toy --quick --out /tmp/toy         # a reduced setting, seconds\n"
-             "  olmo-inject toy --widths 8,64,512 --steps 3000 --seed 1 --dry-run")
+                 "learned by MLPs of several widths, and the spacing experiment; plots, tables, CSVs",
+                 "olmo-inject toy --out toy-out                  # the default setting, a few minutes on 2 cores\n"
+                 "  olmo-inject toy --quick --out /tmp/toy         # a reduced setting, seconds\n"
+                 "  olmo-inject toy --widths 8,64,512 --steps 3000 --seed 1 --dry-run")
     p.description += textwrap.dedent("""
 
         Task k (k = 1 ... tasks) is the parity of a fixed random subset of `complexity[k]` input bits, asked

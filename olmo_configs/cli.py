@@ -9,8 +9,8 @@ from inject.errors import InjectError
 def register(sub) -> None:
     """Add `ladder` to `olmo-inject`'s parser."""
     p = add_verb(sub, "ladder", "the OLMo size ladder: per-size parameters, batch, steps, tokens, FLOPs and GPU-hours",
-             "olmo-inject ladder dry-run --preset reference --gpus 64\n  olmo-inject ladder dry-run --preset datadecide --size 4M --size 1B\n"
-             "  olmo-inject ladder dry-run --trainer olmo-core --preset reference")
+                 "olmo-inject ladder dry-run --preset reference --gpus 64\n  olmo-inject ladder dry-run --preset datadecide --size 4M --size 1B\n"
+                 "  olmo-inject ladder dry-run --trainer olmo-core --preset reference")
     p.add_argument("action", choices=["dry-run"], help="dry-run: print the arithmetic, run nothing")
     p.add_argument("--preset", default="reference", help="reference (4M-4B, fixed batch and steps) or datadecide (default: reference)")
     p.add_argument("--size", action="append", help="only these sizes (repeatable)")
