@@ -70,12 +70,44 @@ def wait_for(condition, what: str, process: subprocess.Popen | None = None, time
         time.sleep(0.05)
 
 
+STOP_WHEN_LOCKED = """
+import os, runpy, signal, sys
+from contextlib import contextmanager
+from pathlib import Path
+import inject.lock
+
+take = inject.lock.folder_lock
+target = Path(os.environ["STOP_WHEN_LOCKED"]).resolve()
+
+@contextmanager
+def folder_lock(lock_file, *args, **kwargs):
+    with take(lock_file, *args, **kwargs) as held:
+        if Path(lock_file).resolve() == target:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        yield held
+
+inject.lock.folder_lock = folder_lock  # before inject.cli imports the modules that take it
+sys.argv[0] = "olmo-inject"
+runpy.run_module("inject.cli", run_name="__main__")
+"""
+
+
 def stopped_while_locked(args: list, lock_file: Path) -> subprocess.Popen:
-    """An `olmo-inject` process, stopped (SIGSTOP) as soon as it holds `lock_file`."""
-    process = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: process.pid in lock_holders(lock_file), f"{args[0]} to take its lock", process)
-    os.kill(process.pid, signal.SIGSTOP)
+    """An `olmo-inject` process that stops itself (SIGSTOP) as soon as it holds `lock_file`: however fast
+    the command is, the test finds it holding the lock."""
+    process = subprocess.Popen([sys.executable, "-c", STOP_WHEN_LOCKED, *map(str, args)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "STOP_WHEN_LOCKED": str(lock_file)})
+    wait_for(lambda: process_state(process.pid) == "T", f"{args[0]} to take its lock", process)
+    assert process.pid in lock_holders(lock_file)
     return process
+
+
+def process_state(pid: int) -> str:
+    """R, S, T (stopped), Z, ... from /proc (empty when gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def killed(process: subprocess.Popen) -> None:
@@ -85,10 +117,7 @@ def killed(process: subprocess.Popen) -> None:
 
 def running(pid: int) -> bool:
     """Alive and not a zombie (a dead child not yet reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    return process_state(pid) not in ("", "Z")
 
 
 def processes_using(text: str) -> list[int]:
