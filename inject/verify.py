@@ -16,8 +16,9 @@ Checks, each reported with the step/instance/file it concerns:
             every batch holds exactly the planned number of examples of each task, found in the tokens
   ledger    every ledger row of a batch points at an instance of that batch, and its tokens are the
             example it names (preceded by EOS, followed by EOS); ledger counts equal the plan
-  held-out  no held-out instance occurs anywhere in the token files (every EOS-delimited segment); under
-            `split: symmetric` no injected instance has a held-out twin (a member of its symmetry class)
+  held-out  no held-out instance occurs anywhere in the token files (every EOS-terminated segment, cut at
+            instance starts as the trainer reads instances); under `split: symmetric` no injected instance has a
+            held-out twin (a member of its symmetry class)
   dolma     the Dolma tokens, with the injected blocks removed, hash to what the build recorded
   placement each instance's examples form one block where its placement puts it: at the start after an
             EOS (sequence-start, sequence-start-insert), or (document-boundary) right after an EOS in the
@@ -662,16 +663,15 @@ def _held_out_in(job: tuple, view: BuildView | None = None, ledger: np.ndarray |
     positions = _ledger_positions(view, ledger)
     first_instance = np.concatenate([[0], np.cumsum([f["tokens"] // view.manifest["sequence_length"]
                                                      for f in view.manifest["outputs"]])])
+    L = view.manifest["sequence_length"]
     for f, start in pieces:
         tokens, name = outputs[f], view.manifest["outputs"][f]["path"]
         base = max(start - longest, 0)
         chunk = np.asarray(tokens[base : start + HELD_OUT_CHUNK])
         ends = np.flatnonzero(chunk == view.eos)
-        starts = np.concatenate([[-1], ends[:-1]]) + 1
+        starts = _segment_starts(ends, base, L, known_start=base == 0 or tokens[base - 1 : base][0] == view.eos)
         lengths = ends - starts
-        keep = (lengths >= 2) & (lengths <= longest) & (base + ends >= start)
-        if base > 0 and tokens[base - 1 : base][0] != view.eos:
-            keep &= starts != 0  # the middle of a segment that began before this chunk
+        keep = (starts >= 0) & (lengths >= 2) & (lengths <= longest) & (base + ends >= start)
         starts, ends = starts[keep], ends[keep]
         row_of = positions.at(first_instance[f] * view.manifest["sequence_length"] + base + starts)
         matched = np.zeros(len(starts), dtype=bool)
@@ -715,6 +715,15 @@ def _held_out_in(job: tuple, view: BuildView | None = None, ledger: np.ndarray |
                 report.fail("held-out", f"{name}: {task_name} item {it} {view.encoders[one].task.instance(it)} at "
                                         f"token {base + s}, whose twin {twin_instance} is held out")
     return report, parsed, held
+
+
+def _segment_starts(ends: np.ndarray, base: int, L: int, known_start: bool) -> np.ndarray:
+    """Where the segment ending at each EOS (`ends`, positions in a chunk that starts at token `base` of its file)
+    begins: after the previous EOS, or at the start of the instance holding its EOS if that comes later, since
+    the trainer sees each instance on its own (the batch checks cut segments the same way). Negative where the
+    segment began before the chunk (`known_start`: the chunk starts a segment)."""
+    previous = np.concatenate([[-1 if known_start else -(1 << 62)], ends[:-1]])
+    return np.maximum(previous + 1, (base + ends) // L * L - base)
 
 
 class _LedgerPositions:

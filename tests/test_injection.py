@@ -238,14 +238,19 @@ def test_verify_finds_a_held_out_instance_and_changed_dolma(tmp_path, corpus_dir
     cfg = TaskConfig(**{k: v for k, v in TOKEN_MOD.items() if k != "schedule"})
     example = Encoder(make_task("modular_addition", {"modulus": 97}, "t"), cfg, "allenai/gpt-neox-olmo-dolma-v1_5", "t").encode_many(held[:1], np.zeros(1))[0]
     ledger = read_ledger(out_dir)
-    free = next(i for i in range(2000) if i not in set(ledger["instance"]))
+    free, free_too = [i for i in range(1, 2000) if i not in set(ledger["instance"])][:2]
     def plant(tokens):
         start = free * 32 + 10
         tokens[start : start + len(example) + 2] = [50279, *example, 50279]
+        # At an instance start, the instance before ending inside a document: the trainer sees the example at the
+        # start of its context, without an EOS before it; the scan cuts the segment there too.
+        start = free_too * 32
+        tokens[start - 1 : start + len(example) + 1] = [0, *example, 50279]
     _rewrite(out_dir, plant)
     code, out = verify(out_dir, capsys)
     assert code == 1
-    assert f"held-out mod97-tok item {held[0]}" in out
+    assert f"held-out mod97-tok item {held[0]} at token {free * 32 + 11}" in out
+    assert f"held-out mod97-tok item {held[0]} at token {free_too * 32}" in out
     assert "[dolma]" in out
 
 

@@ -89,11 +89,7 @@ def stream(job: dict, out) -> None:
 
 def loader(job: dict) -> int:
     stream(job, sys.stdout.buffer)
-    # Everything is written and flushed. Leave without the interpreter's teardown: after a complete stream,
-    # torch's teardown aborted about 1 run in 30 here ("terminate called without an active exception",
-    # exit -6), and verify would report a loader that stopped.
-    sys.stderr.flush()
-    os._exit(0)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -489,12 +485,24 @@ COMMANDS: dict = {"loader": loader, "params": params, "save-checkpoint": save_ch
 """COMMAND -> function(job: dict) -> int (exit code)."""
 
 
+WITHOUT_TEARDOWN = {"loader", "params", "save-checkpoint", "forward", "convert"}
+"""Commands that leave with os._exit once their output is written and flushed: after a complete loader stream,
+the interpreter's teardown (torch's) aborted about 1 run in 30 ("terminate called without an active exception",
+exit -6), and the caller would report a command that failed. `train` ends normally (its atexit handlers run)."""
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[1] not in COMMANDS:
         print(f"usage: {argv[0]} {{{','.join(sorted(COMMANDS))}}} JOB.json", file=sys.stderr)
         return 2
     with open(argv[2]) as f:
-        return COMMANDS[argv[1]](json.load(f) if argv[2].endswith(".json") else _yaml().safe_load(f))
+        job = json.load(f) if argv[2].endswith(".json") else _yaml().safe_load(f)
+    code = COMMANDS[argv[1]](job)
+    if argv[1] in WITHOUT_TEARDOWN:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _yaml():
