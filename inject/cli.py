@@ -22,7 +22,8 @@ VERBS_GROUP = "olmo_inject.verbs"
 """The entry-point group through which eval/, olmo_configs/ and slurm/ add their verbs (pyproject.toml)."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `olmo-inject` parser and its verbs' parsers by name."""
     parser = argparse.ArgumentParser(
         prog="olmo-inject",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -130,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.choices[name].set_defaults(handler=handler)
     for verbs in sorted(entry_points(group=VERBS_GROUP), key=lambda entry: entry.name):
         verbs.load()(sub)
-    return parser
+    return parser, sub.choices
 
 
 def add_verb(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:
@@ -142,14 +143,12 @@ def add_verb(sub, name: str, summary: str, example: str) -> argparse.ArgumentPar
 
 def verbs() -> list[str]:
     """Every verb of `olmo-inject`, this package's and those the entry points add."""
-    parser = _parser()
-    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return list(sub.choices)
+    return list(_parser()[1])
 
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="register_new_resolver")  # omegaconf deprecation inside olmo.config
-    parser = _parser()
+    parser, _ = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         if args.command != "train" or not all("=" in a for a in unknown):
