@@ -78,7 +78,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p = add_verb(sub, "verify", "replay the trainer's data loader over a build (ai2-olmo's; OLMo-core's order or, with --olmo-core-python, its own loader) and check every batch against plan and ledger",
                  "olmo-inject verify build/ --train-config my-olmo-config.yaml\n  olmo-inject verify huge-build/ --sample 200")
     p.add_argument("build_dir", type=Path)
-    p.add_argument("--train-config", type=Path, help="an OLMo TrainConfig YAML: check batch size, sequence length, seed, tokenizer, EOS, dtype")
+    p.add_argument("--train-config", type=Path, help="the run config you train with (ai2-olmo's TrainConfig YAML; for an OLMo-core build, its "
+                   "run config, template or RUN/config.yaml): check batch size, sequence length, seed, tokenizer, EOS, dtype")
     p.add_argument("--sample", type=int, help="check K random batches instead of every batch (the held-out and Dolma checks stay complete)")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the batches and the held-out scan; the "
@@ -247,17 +248,15 @@ def cmd_plan(args) -> int:
 def cmd_train(args) -> int:
     from . import trainers
 
-    olmo_core = trainers.get("olmo-core")
     # A config with `trainer: olmo-core` is an OLMo-core run config; else an ai2-olmo TrainConfig (it refuses a
     # build made for another trainer).
-    is_olmo_core = olmo_core.config_trainer(args.config) == olmo_core.NAME
-    trainer = olmo_core if is_olmo_core else trainers.get("ai2-olmo")
+    trainer = trainers.get(trainers.config_trainer(args.config))
     cfg = trainer.resolve_train_config(args.config, args.data, args.run, args.overrides)
     if args.dry_run:
         print(trainer.render(cfg))
         return 0
-    if is_olmo_core:
-        code = olmo_core.launch(cfg, args.run, args.nproc, args.nnodes, args.rendezvous, args.olmo_core_python)
+    if trainer.NAME == "olmo-core":
+        code = trainer.launch(cfg, args.run, args.nproc, args.nnodes, args.rendezvous, args.olmo_core_python)
     else:
         code = trainer.train(cfg, args.data, args.run, args.nproc, args.nnodes, args.rendezvous)
     if code:

@@ -382,8 +382,14 @@ def _leading_literal(task, template: str) -> str:
 
 
 def check_train_config(manifest: dict, path: Path, report: Report) -> None:
-    """Compare a run config of the build's trainer with the build, naming every field that differs."""
-    trainers.of_manifest(manifest).check_train_config(manifest, path, report)
+    """Compare a run config of the build's trainer with the build, naming every field that differs. A run config
+    for the other trainer fails at once: that trainer would not read the build's order."""
+    given, built_for = trainers.config_trainer(path), trainers.name_of(manifest)
+    if given != built_for:
+        report.fail("config", f"{path}: a run config for {given} (its `trainer`), the build was made for {built_for}")
+        report.checked["train config"] = str(path)
+        return
+    trainers.get(built_for).check_train_config(manifest, path, report)
 
 
 def check_batches_and_held_out(view: BuildView, ledger: np.ndarray, report: Report, sample: int | None, seed: int,

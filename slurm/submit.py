@@ -34,8 +34,7 @@ def training_for(config: Path, overrides: list[str], profile: ClusterProfile, no
     steps, and nodes from the model's size (or `nodes`)."""
     from inject import trainers
 
-    olmo_core = trainers.get("olmo-core")
-    trainer = olmo_core.NAME if olmo_core.config_trainer(config) == olmo_core.NAME else "ai2-olmo"
+    trainer = trainers.config_trainer(config)
     # OLMo-core counts parameters in its own environment: only where a GPU profile needs them
     steps, params, tokens, batch = trainers.get(trainer).run_size(config, overrides, bool(profile.gpus_per_node))
     chosen, estimate = choose_nodes(params, tokens, batch, profile)

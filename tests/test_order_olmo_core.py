@@ -325,3 +325,36 @@ def test_the_data_block_of_an_olmo_core_build_carries_olmo_cores_order_fields(ol
     assert block["dataset"] == {"sequence_length": L_BUILD, "max_target_sequence_length": 2 * L_BUILD}
     assert block["data_loader"] == {"global_batch_size": B_BUILD * L_BUILD, "seed": 11}
     assert "global_train_batch_size" not in block and "epoch" not in block  # ai2-olmo's fields would read another order
+
+
+def test_verify_checks_an_olmo_core_run_config_field_by_field(olmo_core_builds, tmp_path, capsys):
+    import yaml
+
+    from conftest import run_cli
+    from inject.trainers import olmo_core
+
+    build = olmo_core_builds["neox-start"]
+    template = yaml.safe_load((ROOT / "olmo_configs" / "olmo_core" / "tiny.yaml").read_text())
+    template["data"] = {"seed": 11}
+    template["train"].update(max_steps=STEPS, rank_microbatch_tokens=L_BUILD)
+    good = tmp_path / "template.yaml"
+    good.write_text(yaml.safe_dump(template))
+    # The template and the run's completed config (what `train` writes to RUN/config.yaml) both match the build.
+    completed = tmp_path / "config.yaml"
+    completed.write_text(olmo_core.render(olmo_core.resolve_train_config(good, build, tmp_path / "run")))
+    for config in (good, completed):
+        assert run_cli("verify", build, "--train-config", config, "--sample", 2) == 0, capsys.readouterr().out
+        assert f"train config: {config}" in capsys.readouterr().out
+    bad = yaml.safe_load(completed.read_text())
+    bad["data"]["seed"], bad["tokenizer"]["eos_token_id"], bad["train"]["max_steps"] = 12, 0, STEPS + 1
+    bad["data"]["paths"] = bad["data"]["paths"][::-1]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert run_cli("verify", build, "--train-config", tmp_path / "bad.yaml", "--sample", 2) == 1
+    out = capsys.readouterr().out
+    assert "data.seed is 12, the build was made for 11" in out
+    assert "tokenizer.eos_token_id is 0, the build was made for 50279" in out
+    assert f"train.max_steps {STEPS + 1} exceeds the {STEPS} steps the plan covers" in out
+    assert "data.paths are not the build's" in out
+    # ai2-olmo's TrainConfig would not read this build's order at all.
+    assert run_cli("verify", build, "--train-config", ROOT / "olmo_configs" / "tiny.yaml", "--sample", 2) == 1
+    assert "a run config for ai2-olmo (its `trainer`), the build was made for olmo-core" in capsys.readouterr().out

@@ -65,6 +65,17 @@ def name_of(manifest: dict) -> str:
     return (manifest.get("injection") or {}).get("training", {}).get("trainer", "ai2-olmo")
 
 
+def config_trainer(path) -> str:
+    """The trainer a run config is for: its top-level `trainer` (an ai2-olmo TrainConfig has none)."""
+    from ..configtools import load_yaml
+    from ..errors import ConfigError
+
+    name = str(load_yaml(path).get("trainer", "ai2-olmo"))
+    if name not in NAMES:
+        raise ConfigError(f"{path}: trainer: {name!r} is not one of {', '.join(NAMES)}")
+    return name
+
+
 def of_manifest(manifest: dict) -> ModuleType:
     """The module of the trainer a build was made for."""
     return get(name_of(manifest))

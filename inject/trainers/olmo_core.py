@@ -9,7 +9,7 @@ The order (`order`, numpy only) is in inject/order.py and tested against OLMo-co
 
 Implements so far: NAME, python, order, usable_instances, file_instances, order_fields, loader_batches (OLMo-core's
 order over the token files, or with an `OlmoCoreLoader` its own data loader through child.py `loader`),
-loader_source, check_train_config; training: RunConfig (the run config), config_trainer, load_run_config,
+loader_source, check_train_config; training: RunConfig (the run config), load_run_config,
 resolve_train_config, render, launch (child.py `train`: OLMo-core's own Trainer), completed_step, checkpoint_steps;
 run_size (slurm's node choice); checkpoints: is_checkpoint, vocabulary, load_model / read_model (eval, in this process),
 convert_checkpoint (OLMo-core's Hugging Face converter, in its environment), run_child.
@@ -92,9 +92,35 @@ def order_fields(sequence_length: int, training: dict) -> dict[str, Any]:
 
 
 def check_train_config(manifest: dict, path: Path, report) -> None:
-    """verify --train-config on an OLMo-core build: a TrainConfig given is ai2-olmo's (the only run config checked
-    so far), which never reads this build's order."""
-    report.fail("config", f"{path}: training.trainer is 'ai2-olmo', the build was made for {NAME!r}")
+    """verify --train-config on an OLMo-core build: a run config (`trainer: olmo-core`; a template such as
+    olmo_configs/olmo_core/tiny.yaml, or a run's completed RUN/config.yaml) against the build, naming every field
+    that differs. Fields left out are the build's (the launcher fills them in)."""
+    from ..configtools import load_yaml
+
+    cfg = from_dict(RunConfig, load_yaml(path), str(path))
+    t, tok = manifest["injection"]["training"], manifest["tokenizer"]
+    files = [str((Path(manifest["_dir"]) / f["path"]).resolve()) for f in manifest["outputs"]]
+    pairs = [("data.sequence_length", cfg.data.sequence_length, manifest["sequence_length"]),
+             ("data.global_batch_size_tokens", cfg.data.global_batch_size_tokens, t["global_batch_size_tokens"]),
+             ("data.seed", cfg.data.seed, t["seed"]),
+             ("data.max_target_sequence_length", cfg.data.max_target_sequence_length, t["max_target_sequence_length"]),
+             ("data.dtype", cfg.data.dtype, manifest["dtype"])]
+    if cfg.tokenizer is not None:
+        pairs += [(f"tokenizer.{name}", getattr(cfg.tokenizer, name), tok[name])
+                  for name in ("name", "vocab_size", "eos_token_id", "pad_token_id")]
+    for name, got, want in pairs:
+        if got is not None and got != want:
+            report.fail("config", f"{path}: {name} is {got!r}, the build was made for {want!r}")
+    if cfg.data.paths is not None and [str(Path(p).resolve()) for p in cfg.data.paths] != files:
+        report.fail("config", f"{path}: data.paths are not the build's {len(files)} token files in their order")
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < tok["vocab_size"]:
+        report.fail("config", f"{path}: model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary {tok['vocab_size']}")
+    if cfg.train.max_steps > t["steps"]:
+        report.fail("config", f"{path}: train.max_steps {cfg.train.max_steps} exceeds the {t['steps']} steps the plan covers")
+    if t["global_batch_size_tokens"] % cfg.train.rank_microbatch_tokens:
+        report.fail("config", f"{path}: train.rank_microbatch_tokens {cfg.train.rank_microbatch_tokens} does not divide "
+                              f"the build's global batch of {t['global_batch_size_tokens']} tokens")
     report.checked["train config"] = str(path)
 
 
@@ -375,13 +401,6 @@ class RunConfig:
             raise ConfigError(f"trainer: {self.trainer!r}; an OLMo-core run config says `trainer: {NAME}`")
         self.optim.validate()
         self.train.validate(self.data.sequence_length or 1)
-
-
-def config_trainer(path: Path) -> str:
-    """The trainer a run config is for: its top-level `trainer` (an ai2-olmo TrainConfig has none)."""
-    from ..configtools import load_yaml
-
-    return str(load_yaml(path).get("trainer", "ai2-olmo"))
 
 
 def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
