@@ -66,17 +66,23 @@ def child_plan(steps: int, batch: int) -> dict:
 
     config = from_dict(BuildConfig, {"inputs": ["-"], "sequence_length": 2048,
                                      "training": {"global_batch_size": batch, "steps": steps}, "tasks": TASKS}).validate()
-    encode, spent = tokenizer.encode_texts, [0.0, 0.0]
+    spent, depth = [0.0, 0.0], [0]
 
-    def timed_encode(name, texts):
-        wall, cpu = time.perf_counter(), time.process_time()
-        try:
-            return encode(name, texts)
-        finally:
-            spent[0] += time.perf_counter() - wall
-            spent[1] += time.process_time() - cpu
+    def timed(encode):
+        def timed_encode(name, texts):
+            depth[0] += 1
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return encode(name, texts)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:  # the outermost call only (encode_digit_variants calls encode_texts)
+                    spent[0] += time.perf_counter() - wall
+                    spent[1] += time.process_time() - cpu
+        return timed_encode
 
-    tokenizer.encode_texts = timed_encode
+    tokenizer.encode_texts = timed(tokenizer.encode_texts)
+    tokenizer.encode_digit_variants = timed(tokenizer.encode_digit_variants)
     wall, cpu = time.perf_counter(), time.process_time()
     plan = make_plan(config, make_specs(config))
     plan_seconds, plan_cpu = time.perf_counter() - wall, time.process_time() - cpu

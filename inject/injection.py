@@ -35,7 +35,6 @@ from .order import FIRST_EPOCH, ai2_olmo_order
 from .tasks import FIELDS, EachInstanceItsOwnClass, Singletons, Task, check_template, make_task, parse_text, template_regex, templates_for
 
 MAX_NUMBER_TOKENS = 1 << 20
-ENCODE_BATCH = 1 << 15
 
 
 # ---------------------------------------------------------------------------- encodings
@@ -113,9 +112,7 @@ class Encoder:
             answers.append(answer)
         distinct = list(dict.fromkeys(answers))
         answer_ids = dict(zip(distinct, tok.encode_texts(self.tokenizer, distinct)))
-        # In batches: the tokenizer's Encoding objects weigh far more than the ids kept.
-        prompt_ids = [ids for x in range(0, len(prompts), ENCODE_BATCH)
-                      for ids in tok.encode_texts(self.tokenizer, prompts[x : x + ENCODE_BATCH])]
+        prompt_ids = tok.encode_digit_variants(self.tokenizer, prompts)  # the same ids, per shape of prompt
         return _flatten(prompt_ids, [answer_ids[a] for a in answers])
 
     def parse(self, ids: np.ndarray) -> tuple[int, int, bool] | None:

@@ -58,6 +58,36 @@ def test_build_gives_back_texts_in_order_with_olmo_token_ids(tmp_path, corpus, n
     assert [i["compression"] for i in manifest["inputs"]] == ["gzip", "zstd", "plain", "zstd"]
 
 
+ODD_TEMPLATES = ["Which is larger, {} or {}?", "{} + {} mod 97 =", "{}{}?", "Compare  {}\n\n{} ->", "Größer: {} oder {}",
+                 "{}'s or {}'t", "x {}.{}", "e\u0301 {} vs {}", "<|extra_id_1|> {} {}", "{}  {}"]
+
+
+@pytest.mark.parametrize("name", sorted(tok.TOKENIZERS))
+def test_prompts_encoded_by_shape_have_olmo_token_ids(name):
+    """encode_digit_variants (pre-tokens found once per shape of text, BPE once per distinct pre-token) gives
+    OLMo's ids text for text, on a task's templates and on templates made to break it (adjacent numbers, runs
+    of whitespace, newlines, non-ASCII, contractions, text NFC changes, added tokens)."""
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 100_000, 400) // 10 ** rng.integers(0, 5, 400), rng.integers(0, 1000, 400)
+    texts = [template.format(x, y) for template in ODD_TEMPLATES for x, y in zip(a.tolist(), b.tolist())]
+    spec = tok.get_spec(name)
+    olmo_tok = Tokenizer.from_file(spec.path, eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id)
+    assert tok.encode_digit_variants(name, texts) == olmo_tok.encode_batch(texts, add_special_tokens=False)
+    # The shortcut is taken where the pipeline only splits and runs BPE, and refused where it does more: an added
+    # token in the text (`<|extra_id_1|>` of dolma2, the GPT-NeoX runs of spaces), text that NFC changes.
+    base = tok.load_base(name)
+    added = [token.content for token in base.get_added_tokens_decoder().values()]
+    refused = 0
+    for template in ODD_TEMPLATES:
+        shaped = [template.format(x, 100 + x) for x in range(100, 200)]
+        special = any(token in shaped[0] for token in added) or (
+            base.normalizer is not None and base.normalizer.normalize_str(shaped[0]) != shaped[0])
+        by_shape = tok._encode_shape(name, shaped, template.format("000", "000"))
+        assert by_shape == (None if special else olmo_tok.encode_batch(shaped, add_special_tokens=False)), template
+        refused += special
+    assert refused >= 1
+
+
 def test_olmo_memmap_dataset_yields_the_manifest_instances(tmp_path, corpus):
     folder, _ = corpus
     cfg = write_config(tmp_path / "b.yaml", inputs=[str(folder)], sequence_length=50, instances_per_file=9)
