@@ -284,7 +284,7 @@ def write_injected(config: BuildConfig, injection: Injection, stream: TokenStrea
     def write_plain(chunk: np.ndarray) -> None:
         nonlocal kept, last_token
         writer.write(chunk)
-        dolma_sha.update(chunk.tobytes())
+        dolma_sha.update(chunk)  # a contiguous array: hashed without a copy
         kept += len(chunk)
         if len(chunk):
             last_token = int(chunk[-1])
@@ -309,7 +309,7 @@ def write_injected(config: BuildConfig, injection: Injection, stream: TokenStrea
         without_boundary += not boundary
         block_instance.append(instance)
         block_offset.append(offset)
-        dolma_sha.update(dolma.tobytes())
+        dolma_sha.update(dolma)
         kept += len(dolma)
         writer.write(tokens)
         last_token = int(tokens[-1])
