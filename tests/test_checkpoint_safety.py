@@ -212,7 +212,16 @@ def _save_sharded_rank_file(rank: int, folder: str) -> None:
 def test_rank_files_of_two_ranks_hold_sharded_tensors_that_load_under_the_allowlist(tmp_path):
     from inject.trainers.safe_load import check_file, detached_sharded_tensor, load_file
 
-    torch.multiprocessing.spawn(_save_sharded_rank_file, args=(str(tmp_path),), nprocs=2)
+    for attempt in range(3):
+        try:
+            torch.multiprocessing.spawn(_save_sharded_rank_file, args=(str(tmp_path),), nprocs=2)
+            break
+        except torch.multiprocessing.ProcessRaisedException as e:
+            # Gloo's connection of the two local ranks failed once in ~300 runs on a loaded CI machine ("Gloo
+            # connectFullMesh failed ... Connection closed by peer"): that is not what this test is about.
+            if "connectFullMesh" not in str(e) or attempt == 2:
+                raise
+            (tmp_path / "rendezvous").unlink(missing_ok=True)
     for rank in (0, 1):
         check_file(tmp_path / f"rank{rank}.pt")
         weight = load_file(tmp_path / f"rank{rank}.pt", sharded_tensor=detached_sharded_tensor())["model"]["w"]

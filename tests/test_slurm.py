@@ -2,7 +2,8 @@
 machine, memory enforced, started by the tests (tests/slurm_cluster.py): an array build equal to a local build,
 training followed by evaluation (each job within its measured memory estimate), resubmission that submits
 nothing twice, a job preempted with USR2 and then requeued with `scontrol requeue` (TERM) that resumes with
-every step once, a two-node training job, and `status` saying why jobs failed (memory, time limit, exit code).
+every step once, a two-node training job, and `status` saying why jobs failed (memory, time limit, exit code,
+node failure).
 
 UPDATE_GOLDEN=1 python -m pytest tests/test_slurm.py -k golden   # after an intended change to the scripts
 """
@@ -446,8 +447,8 @@ def test_a_two_node_training_job_meets_at_the_head_node_and_each_rank_reads_its_
 
 def test_status_says_why_a_job_failed(cluster, project, tmp_path, capsys):
     """Memory is enforced: a training job that asks too little is killed, and `slurm status` says it ran out of
-    memory (the tiny jobs' default requests pass: the first test). A time limit and an exit code, from plain
-    jobs beside it, are reported from SLURM's records (the job completion log, `sacct -c`)."""
+    memory (the tiny jobs' default requests pass: the first test). A time limit, an exit code and a node
+    failure, from plain jobs beside it, are reported from SLURM's records (the job completion log, `sacct -c`)."""
     from slurm.submit import why_failed
 
     plain = tmp_path / "plain"
@@ -476,3 +477,17 @@ def test_status_says_why_a_job_failed(cluster, project, tmp_path, capsys):
     wait_for(lambda: job_state(ids["slow"])[0] == "TIMEOUT", "the time limit", timeout=300)
     assert why_failed(ids["slow"], plain / "logs", "slow").startswith(f"{ids['slow']}: TIMEOUT, time limit")
     assert why_failed(ids["exit3"], plain / "logs", "exit3") == f"{ids['exit3']}: FAILED, exit code 3"
+
+    # A node that fails under a running job (here marked DOWN, as the controller does when its slurmd stops
+    # answering): the job ends NODE_FAIL.
+    script = plain / "lost.sbatch"
+    script.write_text(f"#!/bin/bash\n#SBATCH --mem=50M --time=5 --nodelist=node2 --no-requeue "
+                      f"--output={plain}/logs/lost-%j.out\nsleep 600\n")
+    lost = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True).stdout.strip()
+    wait_for(lambda: job_state(lost)[0] == "RUNNING", "the job on node2", timeout=300)
+    try:
+        subprocess.run(["scontrol", "update", "nodename=node2", "state=down", "reason=test: node failure"], check=True)
+        wait_for(lambda: job_state(lost)[0] == "NODE_FAIL", "the job to fail with its node", timeout=300)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], check=True)
+    assert why_failed(lost, plain / "logs", "lost").startswith(f"{lost}: NODE_FAIL, node failure")
