@@ -6,10 +6,11 @@ reports compared byte for byte; then each check timed in one process (best of 2)
 
 Builds: `dense`, 600 steps (60,000 examples); with --large also `large`, 10,000 steps (1,000,000 examples; its
 input is the dense build's base token files repeated 16 times, 85.7M tokens, pre-tokenized) and `sparse`, the same
-tokens with one example per batch (one per 8,192 tokens; the reference run has one per 4,194), on which the checks
-that read every token are timed. Each draws from a seen pool sized so that an item recurs as often as in the
-reference run (48.8M examples over the ~729,000 seen three-digit comparisons: ~67 times): verify encodes each
-distinct example once per process, so the rate depends on that ratio; the encoding rate is printed on its own.
+tokens in instances of 2048 tokens (the reference's) with 16 examples per batch of 32 (one per 4,096 tokens; the
+reference run has one per 4,194), on which the checks that read every token are timed. Each draws from a seen pool
+sized so that an item recurs as often as in the reference run (48.8M examples over the ~729,000 seen three-digit
+comparisons: ~67 times): verify encodes each distinct example once per process, so the rate depends on that ratio;
+the encoding rate is printed on its own.
 
 Prints examples verified per second for each run (start-up included) and the time the reference run's 48.8M
 examples would take at that rate; then per check: examples/s of the batch checks with the examples already
@@ -43,10 +44,10 @@ def make_builds(workdir: Path, large: bool) -> dict[str, Path]:
     from inject.config import load_build_config
     from inject.sample import write_sample_corpus
 
-    def build(name: str, inputs: list[str], steps: int, seen: int, rate: float = 100) -> Path:
+    def build(name: str, inputs: list[str], steps: int, seen: int, rate: float = 100, length: int = 256) -> Path:
         out = workdir / name
         if not (out / "manifest.json").exists():
-            config = {"inputs": inputs, "sequence_length": 256}
+            config = {"inputs": inputs, "sequence_length": length}
             if steps:
                 task = {**TASK, "schedule": {"kind": "even", "rate": rate}, "pool": {"seen": seen}}
                 config.update(training={"global_batch_size": 32, "steps": steps}, tasks=[task])
@@ -66,8 +67,10 @@ def make_builds(workdir: Path, large: bool) -> dict[str, Path]:
                 for f in sorted((base / "data").glob("*.npy")):
                     shutil.copyfile(f, copies / f"{k:02d}-{f.name}")
         builds["large"] = build("large", ["large-input/*.npy"], 10_000, 1_000_000 // 67)
-        # one example per 8,192 tokens, near the reference's one per 4,194: for the checks that read every token
-        builds["sparse"] = build("sparse", ["large-input/*.npy"], 10_000, 10_000 // 67, rate=1)
+        # For the checks that read every token, at the reference's instances of 2048 tokens (the batch gather reads
+        # whole instances, in shuffled order) and about its density: 16 examples per batch of 32 x 2048 tokens, one
+        # per 4,096 tokens (the reference: one per 4,194).
+        builds["sparse"] = build("sparse-2048", ["large-input/*.npy"], 1_300, 1_300 * 16 // 67, rate=16, length=2048)
     return builds
 
 
