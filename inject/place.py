@@ -255,7 +255,6 @@ def _clean_slot(plan: PlanRows, step: int, rows: np.ndarray, avoided: set, L: in
 
 def write_injected(config: BuildConfig, injection: Injection, stream: TokenStream, out_dir: Path) -> tuple[list[dict], dict]:
     plan, L, t = injection.plan.all_rows(), config.sequence_length, config.training
-    B = t.global_batch_size
     N = num_instances(config, injection, stream.total)
     check_epoch(config, N)
     order = training_order(t, N, L)
@@ -268,13 +267,13 @@ def write_injected(config: BuildConfig, injection: Injection, stream: TokenStrea
             raise InjectError(
                 f"instance_filter: OLMo's repetition filter would mask {len(masked)} instance(s) holding examples "
                 f"(first: instance {min(masked)}) and the batch has no free instance left; lower the rates or set "
-                f"instance_filter: warn"
+                "instance_filter: warn"
             )
         if num_instances(config, injection, stream.total) != N:  # moved examples opened new blocks (one EOS each)
             raise InjectError(
-                f"instance_filter: moving examples out of instances OLMo's repetition filter would mask changes the "
-                f"number of instances (and so OLMo's order); use placement: document-boundary or sequence-start, or "
-                f"instance_filter: warn")
+                "instance_filter: moving examples out of instances OLMo's repetition filter would mask changes the "
+                "number of instances (and so OLMo's order); use placement: document-boundary or sequence-start, or "
+                "instance_filter: warn")
     example_instance = plan.instances(order)
 
     writer = OutputWriter(out_dir, config.instances_per_file * L, L)
