@@ -260,6 +260,10 @@ def job_state(job_id: str) -> tuple[str, int]:
     return re.search(r"JobState=(\S+)", text).group(1), int(re.search(r"Restarts=(\d+)", text).group(1))
 
 
+def node_state(node: str) -> str:
+    return subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True, text=True).stdout.strip()
+
+
 def node_idle() -> bool:
     return subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.split() == ["idle"]
 
@@ -489,5 +493,8 @@ def test_status_says_why_a_job_failed(cluster, project, tmp_path, capsys):
         subprocess.run(["scontrol", "update", "nodename=node2", "state=down", "reason=test: node failure"], check=True)
         wait_for(lambda: job_state(lost)[0] == "NODE_FAIL", "the job to fail with its node", timeout=300)
     finally:
-        subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], check=True)
+        # The controller may already have returned the node to service (its slurmd still answers), and then
+        # refuses a resume ("Invalid node state transition ... from=IDLE to=RESUME"): resume only if needed.
+        subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], capture_output=True)
+        wait_for(lambda: not node_state("node2").startswith(("down", "drain")), "node2 back in service", timeout=120)
     assert why_failed(lost, plain / "logs", "lost").startswith(f"{lost}: NODE_FAIL, node failure")
