@@ -138,6 +138,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
+def _byte_level(text: str) -> str:
+    """`text` as the byte-level pre-tokenizer hands it to BPE: each UTF-8 byte as its printable character."""
+    byte_char = _bytes_to_unicode()
+    return "".join(byte_char[b] for b in text.encode())
+
+
 @functools.lru_cache(maxsize=None)
 def _added_shapes(name: str) -> tuple[str, ...]:
     return tuple({token.content.translate(_ZERO_DIGITS) for token in load_base(name).get_added_tokens_decoder().values()})
@@ -179,18 +185,17 @@ def _encode_shape(name: str, texts: list[str], shape: str) -> list[list[int]] | 
     pieces = base.pre_tokenizer.pre_tokenize_str(first)
     if [start for _, (start, _) in pieces] != [0, *[end for _, (_, end) in pieces[:-1]]] or pieces[-1][1][1] != len(first):
         return None  # not a partition of the text
-    byte_char = _bytes_to_unicode()
+    if any(_byte_level(first[a:b]) != mapped for mapped, (a, b) in pieces):
+        return None
     bpe = base.model
     cache: dict[str, list[int]] = {}
 
     def piece_ids(raw: str) -> list[int]:
         ids = cache.get(raw)
         if ids is None:
-            ids = cache[raw] = [token.id for token in bpe.tokenize("".join(byte_char[b] for b in raw.encode()))]
+            ids = cache[raw] = [token.id for token in bpe.tokenize(_byte_level(raw))]
         return ids
 
-    if any("".join(byte_char[b] for b in first[a:b].encode()) != mapped for mapped, (a, b) in pieces):
-        return None
     bounds = [(a, b) for _, (a, b) in pieces]
     encoded = []
     for text in texts:

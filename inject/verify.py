@@ -667,9 +667,8 @@ def _held_out_in(job: tuple, view: BuildView | None = None, ledger: np.ndarray |
     report, parsed, held = Report(), 0, 0
     outputs = _open_outputs(view)
     positions = _ledger_positions(view, ledger)
-    first_instance = np.concatenate([[0], np.cumsum([f["tokens"] // view.manifest["sequence_length"]
-                                                     for f in view.manifest["outputs"]])])
     L = view.manifest["sequence_length"]
+    first_instance = np.concatenate([[0], np.cumsum([f["tokens"] // L for f in view.manifest["outputs"]])])
     for f, start in pieces:
         tokens, name = outputs[f], view.manifest["outputs"][f]["path"]
         base = max(start - longest, 0)
@@ -679,7 +678,7 @@ def _held_out_in(job: tuple, view: BuildView | None = None, ledger: np.ndarray |
         lengths = ends - starts
         keep = (starts >= 0) & (lengths >= 2) & (lengths <= longest) & (base + ends >= start)
         starts, ends = starts[keep], ends[keep]
-        row_of = positions.at(first_instance[f] * view.manifest["sequence_length"] + base + starts)
+        row_of = positions.at(first_instance[f] * L + base + starts)
         matched = np.zeros(len(starts), dtype=bool)
         where = np.flatnonzero(row_of >= 0)
         where = where[ledger["length"][row_of[where]].astype(np.int64) - 1 == ends[where] - starts[where]]
